@@ -1,0 +1,371 @@
+"""Typed recipe configuration.
+
+A recipe is one YAML file per stage. It maps onto the dataclasses below; every field is
+documented where it is defined (`metadata={"help": ...}`), unknown keys are rejected with the
+closest valid name, and cross-field checks run at start-up with the fix in the message.
+
+    recipe = load_recipe("recipes/stage1_medical.yaml", overrides=["training.max_steps=10"])
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from train.errors import UserError
+
+# The embedded default: a tiny Qwen2 model built locally (train/tiny.py).
+TINY_MODEL = "tiny"
+
+SCHEMAS = ("medical_o1", "kocommercial", "aihub_translation", "columns")
+TEMPLATES = ("reasoning", "chat")
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = field(
+        default=TINY_MODEL,
+        metadata={"help": "Hub id or local folder of the base model; 'tiny' selects the embedded Qwen2 default."},
+    )
+    revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    tokenizer: str | None = field(
+        default=None, metadata={"help": "Tokenizer id or folder; defaults to `name_or_path`."}
+    )
+    dtype: Literal["bfloat16", "float16", "float32"] = field(
+        default="bfloat16",
+        metadata={"help": "Compute dtype of the weights (and of the 4-bit dequantization)."},
+    )
+    quantization: Literal["none", "nf4", "int8"] = field(
+        default="none",
+        metadata={"help": "'nf4' = 4-bit QLoRA (bitsandbytes), 'int8' = 8-bit, 'none' = full-precision base."},
+    )
+    double_quant: bool = field(default=True, metadata={"help": "NF4 double quantization of the scales."})
+    quant_storage: Literal["uint8", "bfloat16", "float16", "float32"] = field(
+        default="uint8",
+        metadata={"help": "Storage dtype of 4-bit weights; FSDP needs it equal to `dtype` to shard them."},
+    )
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = field(
+        default="sdpa", metadata={"help": "Attention kernel. flash_attention_* need a GPU and flash-attn."}
+    )
+    gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations to save memory."})
+    use_liger: bool = field(
+        default=False, metadata={"help": "Liger fused kernels (RMSNorm, SwiGLU, RoPE, fused CE). Needs a GPU."}
+    )
+    trust_remote_code: bool = field(
+        default=False, metadata={"help": "Run model code from the Hub. Off unless you trust the repository."}
+    )
+
+
+@dataclass
+class LoraConfig:
+    r: int = field(default=16, metadata={"help": "LoRA rank."})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
+    dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        metadata={"help": "Linear layers that get adapters."},
+    )
+    use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha/sqrt(r)."})
+
+
+@dataclass
+class SourceConfig:
+    name: str = field(metadata={"help": "Short name, used in reports and rejects.jsonl."})
+    path: str = field(
+        metadata={
+            "help": "Hub dataset id, or a local .json/.jsonl/.parquet/.csv/.xlsx file, or a folder of them "
+            "(relative paths are relative to the repository root)."
+        }
+    )
+    schema: Literal["medical_o1", "kocommercial", "aihub_translation", "columns"] = field(
+        metadata={"help": "How rows map to question/reasoning/answer (see data_prep/schemas.py)."}
+    )
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "For schema 'columns': {question: COL, answer: COL, reasoning: COL, system: COL}."},
+    )
+    config_name: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. 'en', 'ko')."})
+    split: str = field(default="train", metadata={"help": "Hub dataset split."})
+    weight: float = field(
+        default=1.0,
+        metadata={"help": "Share of this source's valid rows to keep (1.0 = all, 2.0 = each row twice)."},
+    )
+    max_rows: int | None = field(default=None, metadata={"help": "Cap on rows taken after weighting."})
+    ko_to_en_ratio: float = field(
+        default=0.5,
+        metadata={"help": "For aihub_translation: share of pairs rendered Korean->English (the rest English->Korean)."},
+    )
+
+
+@dataclass
+class DataConfig:
+    sources: list[SourceConfig] = field(default_factory=list, metadata={"help": "Raw sources of this stage."})
+    template: Literal["reasoning", "chat"] = field(
+        default="reasoning",
+        metadata={
+            "help": "'reasoning' = the team's '### Instruction/### Question/### Response' template with a "
+            "<think> block; 'chat' = the tokenizer's own chat template."
+        },
+    )
+    system_prompt: str = field(
+        default="You are a medical expert with advanced knowledge in clinical reasoning, diagnostics, and "
+        "treatment planning. Please answer the following medical question.",
+        metadata={"help": "System text put into the template."},
+    )
+    empty_think: bool = field(
+        default=True,
+        metadata={"help": "Rows without reasoning get an empty '<think>\\n\\n</think>' so the answer shape stays."},
+    )
+    max_length: int = field(default=2048, metadata={"help": "Longest tokenized example (prompt + completion)."})
+    length_policy: Literal["drop", "truncate", "error"] = field(
+        default="drop",
+        metadata={"help": "Longer examples: drop them, truncate the completion (EOS kept), or fail."},
+    )
+    dedup: bool = field(default=True, metadata={"help": "Drop exact duplicates (normalized text hash)."})
+    eval_fraction: float = field(default=0.05, metadata={"help": "Share of rows held out for evaluation."})
+    max_reject_fraction: float = field(
+        default=0.05, metadata={"help": "Fail the build when more than this share of raw rows is rejected."}
+    )
+    processed_dir: str = field(
+        default="outputs/data/stage", metadata={"help": "Where the processed dataset and manifest are written."}
+    )
+    seed: int = field(default=3407, metadata={"help": "Seed for mixing, translation direction and the split."})
+
+
+@dataclass
+class TrainingConfig:
+    per_device_train_batch_size: int = field(default=2, metadata={"help": "Micro-batch per GPU (packed rows)."})
+    gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
+    learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
+    lr_scheduler_type: str = field(default="linear", metadata={"help": "Transformers scheduler name."})
+    warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up steps."})
+    weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
+    optim: str = field(default="adamw_torch", metadata={"help": "Optimizer name (e.g. adamw_8bit on GPU)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping."})
+    num_train_epochs: float = field(default=1.0, metadata={"help": "Epochs (ignored when max_steps > 0)."})
+    max_steps: int = field(default=-1, metadata={"help": "Optimizer steps; -1 = use num_train_epochs."})
+    packing: bool = field(
+        default=True, metadata={"help": "Padding-free best-fit packing (TRL 'bfd') up to data.max_length."}
+    )
+    seed: int = field(default=3407, metadata={"help": "Training seed (init of LoRA, data order)."})
+    logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
+    save_steps: int = field(default=100, metadata={"help": "Checkpoint every N steps."})
+    save_total_limit: int | None = field(default=3, metadata={"help": "Keep at most this many checkpoints."})
+    eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (None = at the end)."})
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata={"help": "Trackers: none, tensorboard, wandb, mlflow. Tokens come from the environment only."},
+    )
+    dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
+    sft_args: dict[str, Any] = field(
+        default_factory=dict,
+        metadata={"help": "Any other trl.SFTConfig argument, checked against SFTConfig's fields at start-up."},
+    )
+
+
+@dataclass
+class Recipe:
+    stage: str = field(metadata={"help": "Name of the stage (stage1_medical, stage2_korean, ...)."})
+    output_dir: str = field(metadata={"help": "Where adapters, checkpoints, stage.json and logs go."})
+    description: str = field(default="", metadata={"help": "Free text, copied into stage.json."})
+    parent: str | None = field(
+        default=None,
+        metadata={"help": "Output folder of the stage this one continues from; its adapter is merged into the base."},
+    )
+    backend: Literal["transformers", "unsloth"] = field(
+        default="transformers", metadata={"help": "'unsloth' = single-GPU Unsloth path (4090 development)."}
+    )
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model and how to load it."})
+    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Sources, template and length policy."})
+    training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation settings."})
+
+    # Filled by load_recipe: where the recipe came from (not a YAML key).
+    source_path: str | None = field(default=None, repr=False, metadata={"internal": True})
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading
+
+
+def _closest(key: str, valid: list[str]) -> str:
+    match = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    return f"; did you mean '{match[0]}'?" if match else f"; valid keys: {', '.join(sorted(valid))}"
+
+
+def _type_name(tp: Any) -> str:
+    return getattr(tp, "__name__", str(tp))
+
+
+def _coerce(value: Any, tp: Any, where: str, origin_file: str) -> Any:
+    """Check `value` against the annotation `tp`, building nested dataclasses."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where, origin_file)
+            except UserError as err:
+                errors.append(str(err))
+        raise UserError(errors[0] if errors else f"{origin_file}: '{where}' must not be null")
+    if origin is Literal:
+        if value not in args:
+            allowed = ", ".join(repr(a) for a in args)
+            raise UserError(f"{origin_file}: '{where}' is {value!r}; allowed: {allowed}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value, where, origin_file)
+    if origin is list:
+        if not isinstance(value, list):
+            raise UserError(f"{origin_file}: '{where}' must be a list, got {type(value).__name__}")
+        return [_coerce(v, args[0], f"{where}[{i}]", origin_file) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise UserError(f"{origin_file}: '{where}' must be a mapping, got {type(value).__name__}")
+        return {str(k): _coerce(v, args[1], f"{where}.{k}", origin_file) for k, v in value.items()}
+    if tp is Any:
+        return value
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:  # YAML reads 2e-4 as a string
+            return float(value)
+        except ValueError:
+            pass
+    if tp in (int, float, str, bool) and not (isinstance(value, tp) and not (tp is int and isinstance(value, bool))):
+        raise UserError(f"{origin_file}: '{where}' must be {_type_name(tp)}, got {value!r}")
+    return value
+
+
+def _build(cls: type, data: Any, where: str, origin_file: str):
+    if not isinstance(data, dict):
+        raise UserError(f"{origin_file}: '{where or 'recipe'}' must be a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if not f.metadata.get("internal")}
+    kwargs = {}
+    for key, value in data.items():
+        dotted = f"{where}.{key}" if where else str(key)
+        if key not in fields:
+            raise UserError(f"{origin_file}: unknown key '{dotted}'{_closest(str(key), list(fields))}")
+        kwargs[key] = _coerce(value, hints[key], dotted, origin_file)
+    missing = [
+        name
+        for name, f in fields.items()
+        if name not in kwargs and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    if missing:
+        dotted = ", ".join(f"{where}.{m}" if where else m for m in missing)
+        raise UserError(f"{origin_file}: missing required key '{dotted}'")
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict, override: str, origin: str) -> None:
+    if "=" not in override:
+        raise UserError(f"override '{override}' must look like section.key=value (e.g. training.max_steps=10)")
+    dotted, raw = override.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else ""
+    node = data
+    parts = dotted.split(".")
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise UserError(f"override '{override}': '{part}' is not a section")
+    node[parts[-1]] = value
+
+
+def recipe_from_dict(data: dict, origin: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    data = dict(data or {})
+    for override in overrides or []:
+        _apply_override(data, override, origin)
+    recipe = _build(Recipe, data, "", origin)
+    recipe.source_path = origin
+    validate_recipe(recipe)
+    return recipe
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+    return recipe_from_dict(data, str(path), overrides)
+
+
+def recipe_to_dict(recipe: Recipe) -> dict:
+    out = dataclasses.asdict(recipe)
+    out.pop("source_path", None)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Cross-field checks: each failure says how to fix it.
+
+
+def validate_recipe(recipe: Recipe) -> None:
+    origin = recipe.source_path or "<recipe>"
+    model, data, training = recipe.model, recipe.data, recipe.training
+    if not data.sources:
+        raise UserError(f"{origin}: 'data.sources' is empty; list at least one source")
+    names = [s.name for s in data.sources]
+    if len(set(names)) != len(names):
+        raise UserError(f"{origin}: source names must be unique, got {names}")
+    for i, source in enumerate(data.sources):
+        if source.schema == "columns" and not {"question", "answer"} <= set(source.columns):
+            raise UserError(
+                f"{origin}: data.sources[{i}] ('{source.name}') uses schema 'columns' and needs "
+                f"'columns: {{question: COL, answer: COL}}' (optional: reasoning, system)"
+            )
+        unknown = set(source.columns) - {"question", "answer", "reasoning", "system", "id"}
+        if unknown:
+            raise UserError(
+                f"{origin}: data.sources[{i}].columns has unknown field(s) {sorted(unknown)}; "
+                "use question, answer, reasoning, system, id"
+            )
+        if source.weight <= 0:
+            raise UserError(f"{origin}: data.sources[{i}].weight must be > 0 (remove the source to skip it)")
+        if not 0.0 <= source.ko_to_en_ratio <= 1.0:
+            raise UserError(f"{origin}: data.sources[{i}].ko_to_en_ratio must be between 0 and 1")
+    if not 0.0 <= data.eval_fraction < 1.0:
+        raise UserError(f"{origin}: data.eval_fraction must be in [0, 1)")
+    if not 0.0 <= data.max_reject_fraction <= 1.0:
+        raise UserError(f"{origin}: data.max_reject_fraction must be in [0, 1]")
+    if data.max_length < 16:
+        raise UserError(f"{origin}: data.max_length={data.max_length} is too small (>= 16)")
+    if model.quantization != "none" and model.dtype == "float32" and model.name_or_path != TINY_MODEL:
+        raise UserError(
+            f"{origin}: 4/8-bit base with model.dtype=float32 wastes memory; set model.dtype: bfloat16"
+        )
+    if model.quant_storage != "uint8" and model.quantization != "nf4":
+        raise UserError(f"{origin}: model.quant_storage only applies to quantization: nf4")
+    if model.attn_implementation.startswith("flash_attention") and model.dtype == "float32":
+        raise UserError(f"{origin}: flash attention needs model.dtype bfloat16 or float16, not float32")
+    if recipe.backend == "unsloth" and model.use_liger:
+        raise UserError(f"{origin}: backend 'unsloth' brings its own kernels; set model.use_liger: false")
+    if training.per_device_train_batch_size < 1 or training.gradient_accumulation_steps < 1:
+        raise UserError(f"{origin}: batch size and gradient_accumulation_steps must be >= 1")
+    if training.max_steps == 0:
+        raise UserError(f"{origin}: training.max_steps=0 trains nothing; use -1 for epochs or a positive count")
+    if recipe.parent is not None and Path(recipe.parent).resolve() == Path(recipe.output_dir).resolve():
+        raise UserError(f"{origin}: parent and output_dir are the same folder; give this stage its own output_dir")
+    reserved = {"output_dir", "max_length", "packing", "seed", "bf16", "fp16", "completion_only_loss"}
+    clash = reserved & set(training.sft_args)
+    if clash:
+        raise UserError(
+            f"{origin}: training.sft_args sets {sorted(clash)}, which the recipe sets elsewhere "
+            "(output_dir, data.max_length, training.packing, training.seed, model.dtype)"
+        )
