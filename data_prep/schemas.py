@@ -1,0 +1,114 @@
+"""Map raw rows of each known dataset onto one canonical record, validating as we go.
+
+| schema            | dataset                                   | question              | reasoning    | answer   |
+|-------------------|-------------------------------------------|-----------------------|--------------|----------|
+| medical_o1        | FreedomIntelligence/medical-o1-reasoning-SFT | Question           | Complex_CoT  | Response |
+| kocommercial      | MarkrAI/KoCommercial-Dataset              | instruction (+ input) | -            | output   |
+| aihub_translation | AI Hub Korean-English .xlsx               | 원문 or 번역문 + instruction | -      | the other |
+| columns           | anything, through `columns:` in the recipe | as mapped            | as mapped    | as mapped |
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from dataclasses import dataclass
+
+from data_prep.sources import RawRow, Reject
+from train.config import SourceConfig
+
+THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+
+KO_TO_EN = "다음 한국어 문장을 영어로 번역하세요.\n{text}"
+EN_TO_KO = "Translate the following English sentence into Korean.\n{text}"
+
+
+@dataclass
+class Record:
+    source: str
+    row_id: str
+    question: str
+    answer: str
+    reasoning: str | None = None
+    system: str | None = None
+
+
+class RowError(Exception):
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+def _text(cells: dict, column: str, required: bool = True) -> str | None:
+    if column not in cells:
+        if required:
+            raise RowError("missing_field", f"column '{column}' is missing")
+        return None
+    value = cells[column]
+    if value is None or (isinstance(value, float) and value != value):  # None or NaN (blank cell)
+        if required:
+            raise RowError("empty_field", f"column '{column}' is empty")
+        return None
+    if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        raise RowError("non_text", f"column '{column}' holds {type(value).__name__}, not text")
+    text = str(value).strip()
+    if required and not text:
+        raise RowError("empty_field", f"column '{column}' is empty")
+    return text or None
+
+
+def _check_think(text: str | None, column: str) -> str | None:
+    """Reject unbalanced <think> tags; unwrap reasoning already wrapped in one block."""
+    if text is None:
+        return None
+    opened, closed = text.count(THINK_OPEN), text.count(THINK_CLOSE)
+    if opened != closed:
+        raise RowError("unclosed_think", f"column '{column}' has {opened} <think> and {closed} </think>")
+    match = re.fullmatch(r"\s*<think>(.*)</think>\s*", text, flags=re.S)
+    return match.group(1).strip() if match and opened == 1 else text
+
+
+def _direction_is_ko_to_en(row_id: str, ratio: float, seed: int) -> bool:
+    # Stable per row, independent of row order: the same pair keeps its direction across rebuilds.
+    digest = hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "big") / 2**64 < ratio
+
+
+def to_record(row: RawRow, source: SourceConfig, seed: int) -> Record:
+    cells = row.cells
+    schema = source.schema
+    if schema == "medical_o1":
+        question = _text(cells, "Question")
+        reasoning = _check_think(_text(cells, "Complex_CoT"), "Complex_CoT")
+        answer = _check_think(_text(cells, "Response"), "Response")
+        return Record(source.name, row.row_id, question, answer, reasoning)
+    if schema == "kocommercial":
+        instruction = _text(cells, "instruction")
+        extra = _text(cells, "input", required=False)  # empty input is normal in KoCommercial
+        answer = _check_think(_text(cells, "output"), "output")
+        question = f"{instruction}\n\n{extra}" if extra else instruction
+        return Record(source.name, row.row_id, question, answer)
+    if schema == "aihub_translation":
+        korean, english = _text(cells, "원문"), _text(cells, "번역문")
+        if _direction_is_ko_to_en(row.row_id, source.ko_to_en_ratio, seed):
+            return Record(source.name, row.row_id, KO_TO_EN.format(text=korean), english)
+        return Record(source.name, row.row_id, EN_TO_KO.format(text=english), korean)
+    # schema == "columns"
+    mapping = source.columns
+    question = _text(cells, mapping["question"])
+    answer = _check_think(_text(cells, mapping["answer"]), mapping["answer"])
+    reasoning = _check_think(_text(cells, mapping["reasoning"], required=False), mapping["reasoning"]) \
+        if "reasoning" in mapping else None
+    system = _text(cells, mapping["system"], required=False) if "system" in mapping else None
+    return Record(source.name, row.row_id, question, answer, reasoning, system)
+
+
+def canonicalize(row: RawRow, source: SourceConfig, seed: int) -> Record | Reject:
+    try:
+        return to_record(row, source, seed)
+    except RowError as err:
+        return Reject(source.name, row.row_id, err.reason, err.detail, _jsonable(row.cells))
+
+
+def _jsonable(cells: dict) -> dict:
+    return {str(k): (v if isinstance(v, (str, int, float, bool)) or v is None else repr(v)) for k, v in cells.items()}

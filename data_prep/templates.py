@@ -1,0 +1,100 @@
+"""Render a canonical record into (prompt, completion) text and token ids with a loss mask.
+
+Two templates:
+- `reasoning`: the team's notebook template (DESIGN.md, stage 1):
+
+      ### Instruction:
+      {system}
+
+      ### Question:
+      {question}
+
+      ### Response:
+      <think>
+      {reasoning}
+      </think>
+      {answer}<eos>
+
+- `chat`: the tokenizer's own chat template (R1-distill: `<｜User｜>...<｜Assistant｜><think>\\n`).
+
+The prompt and the completion are tokenized separately and concatenated. The prompt's ids are
+then exactly what the model is given at inference (prompt alone, as `generate` tokenizes it),
+and a BPE merge across the boundary cannot move the mask: every prompt id is masked, every
+completion id through EOS is trained. (TRL's own prompt+completion tokenization re-tokenizes the
+joined text and moves the boundary to the common prefix instead.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from data_prep.schemas import THINK_CLOSE, THINK_OPEN, Record
+from train.errors import UserError
+
+REASONING_PROMPT = "### Instruction:\n{system}\n\n### Question:\n{question}\n\n### Response:\n"
+
+
+@dataclass
+class Rendered:
+    prompt: str
+    completion: str  # text, without the EOS token
+    prompt_ids: list[int]
+    completion_ids: list[int]  # ends with EOS
+
+    @property
+    def input_ids(self) -> list[int]:
+        return self.prompt_ids + self.completion_ids
+
+    @property
+    def completion_mask(self) -> list[int]:
+        return [0] * len(self.prompt_ids) + [1] * len(self.completion_ids)
+
+
+def render_prompt(question: str, system: str, template: str, tokenizer) -> str:
+    """The prompt text for a question, exactly as training renders it (used by generation too)."""
+    if template == "reasoning":
+        bos = tokenizer.bos_token or ""
+        return bos + REASONING_PROMPT.format(system=system, question=question)
+    if template == "chat":
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                f"data.template is 'chat' but tokenizer '{tokenizer.name_or_path}' has no chat template; "
+                "use data.template: reasoning"
+            )
+        messages = [{"role": "user", "content": question}]
+        if system:
+            messages.insert(0, {"role": "system", "content": system})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    raise UserError(f"unknown template '{template}' (use reasoning or chat)")
+
+
+def render_completion(record: Record, prompt: str, empty_think: bool) -> str:
+    if record.reasoning is not None:
+        body = f"{THINK_OPEN}\n{record.reasoning}\n{THINK_CLOSE}\n{record.answer}"
+    elif empty_think:
+        body = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n{record.answer}"
+    else:
+        body = record.answer
+    # R1's chat template already opens the think block in the generation prompt.
+    if prompt.endswith(f"{THINK_OPEN}\n") and body.startswith(f"{THINK_OPEN}\n"):
+        body = body[len(THINK_OPEN) + 1:]
+    return body
+
+
+def render_texts(records: list[Record], template: str, system_prompt: str, empty_think: bool, tokenizer):
+    prompts = [render_prompt(r.question, r.system or system_prompt, template, tokenizer) for r in records]
+    completions = [render_completion(r, p, empty_think) for r, p in zip(records, prompts, strict=True)]
+    return prompts, completions
+
+
+def tokenize_pairs(prompts: list[str], completions: list[str], tokenizer) -> list[Rendered]:
+    """Batched tokenization (the fast tokenizer runs the batch in parallel in Rust)."""
+    if tokenizer.eos_token_id is None:
+        raise UserError(f"tokenizer '{tokenizer.name_or_path}' has no EOS token; training needs one")
+    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"] if completions else []
+    eos = tokenizer.eos_token_id
+    return [
+        Rendered(p, c, list(pi), list(ci) + [eos])
+        for p, c, pi, ci in zip(prompts, completions, prompt_ids, completion_ids, strict=True)
+    ]
