@@ -1,0 +1,81 @@
+"""The whole pipeline on the embedded default, on a CPU, offline.
+
+    make demo                       # = python -m train demo
+    python -m train demo --fast     # a few steps per stage: plumbing only (used by the test suite)
+
+data prep (stage 1 and 2) -> stage 1 SFT (medical <think> reasoning) -> stage 2 SFT continuing from
+stage 1 (Korean instructions + AI Hub Korean-English pairs) -> generation from the final model.
+Writes `<out>/summary.json` and prints a summary table.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from train.config import load_recipe
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+STAGES = [("stage1_medical", REPO_ROOT / "recipes/tiny/stage1_medical.yaml"),
+          ("stage2_korean", REPO_ROOT / "recipes/tiny/stage2_korean.yaml")]
+DEMO_PROMPTS = [
+    "A 58-year-old woman presents with polyuria and polydipsia. Examination and tests show a fasting glucose "
+    "of 180 mg/dL. What is the most likely diagnosis?",
+    "캐나다의 수도는 어디인가요?",
+]
+FAST_OVERRIDES = ["training.max_steps=3", "training.logging_steps=1"]
+SUMMARY_KEYS = ("train_loss_first", "train_loss_last", "eval_loss", "train_tokens", "padding_efficiency",
+                "global_steps", "seconds")
+
+
+def _stage_overrides(name: str, out: Path, parent: Path | None, fast: bool) -> list[str]:
+    overrides = [f"output_dir={out / name}", f"data.processed_dir={out / 'data' / name}"]
+    if parent is not None:
+        overrides.append(f"parent={parent}")
+    return overrides + (FAST_OVERRIDES if fast else [])
+
+
+def format_table(summary: dict) -> str:
+    header = f"{'stage':<16}{'loss first':>11}{'loss last':>10}{'eval loss':>10}{'tokens':>9}{'pad eff':>9}" \
+             f"{'steps':>7}{'seconds':>9}"
+    lines = [header, "-" * len(header)]
+    for name, s in summary["stages"].items():
+        lines.append(f"{name:<16}{s['train_loss_first']:>11.3f}{s['train_loss_last']:>10.3f}"
+                     f"{(s['eval_loss'] if s['eval_loss'] is not None else float('nan')):>10.3f}"
+                     f"{s['train_tokens']:>9}{s['padding_efficiency']:>9.3f}{s['global_steps']:>7}"
+                     f"{s['seconds']:>9.1f}")
+    return "\n".join(lines)
+
+
+def run_demo(out: str | Path = "outputs/demo", fast: bool = False) -> dict:
+    from train.generate import generate
+    from train.sft import run_sft
+
+    started = time.perf_counter()
+    out = Path(out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"mode": "fast" if fast else "full", "stages": {}}
+    parent = None
+    for name, recipe_path in STAGES:
+        recipe = load_recipe(recipe_path, _stage_overrides(name, out, parent, fast))
+        record = run_sft(recipe)
+        metrics = record["metrics"]
+        summary["stages"][name] = {**{k: metrics[k] for k in SUMMARY_KEYS}, "output_dir": recipe.output_dir,
+                                   "parent": record["parent"], "data_fingerprint": record["data"]["fingerprint"]}
+        parent = Path(recipe.output_dir)
+    final = parent
+    completions = generate(final, DEMO_PROMPTS, max_new_tokens=48 if fast else 160)
+    summary["generation"] = {"stage": str(final), "samples": [
+        {"prompt": p, "completion": c} for p, c in zip(DEMO_PROMPTS, completions, strict=True)]}
+    summary["seconds_total"] = round(time.perf_counter() - started, 1)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+
+    summary["summary_path"] = str(out / "summary.json")
+    return summary
+
+
+def format_report(summary: dict) -> str:
+    samples = "\n\n".join(f">>> {s['prompt']}\n{s['completion']}" for s in summary["generation"]["samples"])
+    return (f"\ndemo ({summary['mode']}) finished in {summary['seconds_total']}s\n\n{format_table(summary)}\n\n"
+            f"generation from {summary['generation']['stage']}:\n{samples}\n\nsummary: {summary['summary_path']}\n")

@@ -1,0 +1,91 @@
+"""Supervised fine-tuning of one stage: parse, validate, build, train, save.
+
+    python -m train sft recipes/tiny/stage1_medical.yaml [training.max_steps=20 ...]
+    accelerate launch --config_file accelerate_configs/ddp.yaml --num_processes 8 \\
+        -m train sft recipes/stage1_medical.yaml
+
+Writes to the recipe's output_dir: adapter/ (LoRA safetensors + tokenizer), checkpoint-*/
+(adapter-only Trainer checkpoints), stage.json (lineage and metrics), metrics.jsonl,
+loss_curve.png and the resolved recipe.yaml.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+from data_prep.build import load_processed
+from train.config import Recipe
+from train.errors import UserError
+from train.logging_utils import get_logger
+from train.model import ADAPTER_DIR, load_model_for_training, load_tokenizer, peft_lora_config
+from train.stage import MetricsLogCallback, losses, write_stage_outputs
+from train.trainer import StageSFTTrainer, build_sft_config
+
+log = get_logger("sft")
+
+
+def _check_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write_probe"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output_dir {out} is not writable ({err.strerror})") from None
+
+
+def run_sft(recipe: Recipe) -> dict:
+    """Train one stage; return its stage record (what stage.json holds)."""
+    from transformers import set_seed
+
+    started = time.perf_counter()
+    out = Path(recipe.output_dir)
+    _check_output_dir(out)
+    if recipe.backend != "transformers":
+        raise UserError(f"backend '{recipe.backend}' is not available in this version; use backend: transformers")
+    set_seed(recipe.training.seed)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+
+    tokenizer = load_tokenizer(recipe.model)
+    train_ds, eval_ds, manifest = load_processed(recipe, tokenizer, allow_build=world_size == 1)
+    model = load_model_for_training(recipe)
+    args = build_sft_config(recipe, str(out), has_eval=eval_ds is not None)
+    (out / "metrics.jsonl").unlink(missing_ok=True)
+    trainer = StageSFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=peft_lora_config(recipe.lora),
+        callbacks=[MetricsLogCallback(out / "metrics.jsonl")],
+    )
+    log.info("stage %s: %d train rows, %d eval rows, parent=%s", recipe.stage, len(train_ds),
+             len(eval_ds) if eval_ds is not None else 0, recipe.parent)
+    result = trainer.train()
+    eval_metrics = trainer.evaluate() if eval_ds is not None else {}
+    trainer.save_model(str(out / ADAPTER_DIR))  # PEFT model: adapter weights only, safetensors
+    if trainer.is_world_process_zero():
+        tokenizer.save_pretrained(str(out / ADAPTER_DIR))
+
+    real, slots = trainer.token_totals()
+    curve = losses(trainer.state.log_history)
+    metrics = {
+        "train_loss": result.training_loss,
+        "train_loss_first": curve[0][1] if curve else None,
+        "train_loss_last": curve[-1][1] if curve else None,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "global_steps": trainer.state.global_step,
+        "train_tokens": real,
+        "token_slots": slots,
+        "padding_efficiency": round(real / slots, 4) if slots else None,
+        "seconds": round(time.perf_counter() - started, 2),
+        "world_size": world_size,
+    }
+    record = write_stage_outputs(recipe, out, manifest, metrics, trainer.state.log_history)
+    log.info("stage %s done: loss %.3f -> %.3f, %d tokens, padding efficiency %.3f, %.1fs -> %s",
+             recipe.stage, metrics["train_loss_first"] or float("nan"), metrics["train_loss_last"] or float("nan"),
+             real, metrics["padding_efficiency"] or 0.0, metrics["seconds"], out)
+    return record
