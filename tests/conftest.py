@@ -1,0 +1,69 @@
+"""Shared fixtures: tiny offline model, sample recipes, small data files. CPU, one thread."""
+
+from __future__ import annotations
+
+import os
+
+# Two threads fighting on two cores make a tiny step 20x slower (DESIGN.md); set before torch loads.
+os.environ["OMP_NUM_THREADS"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread():
+    import torch
+
+    torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir() -> Path:
+    from train.tiny import ensure_tiny_model
+
+    return ensure_tiny_model()
+
+
+@pytest.fixture(scope="session")
+def tokenizer(tiny_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(tiny_dir)
+
+
+def recipe_dict(name: str) -> dict:
+    return yaml.safe_load((REPO / "recipes" / "tiny" / f"{name}.yaml").read_text(encoding="utf-8"))
+
+
+@pytest.fixture
+def stage1_dict(tmp_path) -> dict:
+    """The tiny stage-1 recipe as a dict, writing into tmp_path, short and fast."""
+    data = copy.deepcopy(recipe_dict("stage1_medical"))
+    data["output_dir"] = str(tmp_path / "stage1")
+    data["data"]["processed_dir"] = str(tmp_path / "data1")
+    data["data"]["max_length"] = 256
+    data["training"].update({"max_steps": 4, "logging_steps": 1, "save_steps": 1000})
+    return data
+
+
+def make_recipe(data: dict, overrides: list[str] | None = None):
+    from train.config import recipe_from_dict
+
+    return recipe_from_dict(copy.deepcopy(data), "test-recipe", overrides)
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    with open(path, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
+    return path

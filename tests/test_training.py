@@ -1,0 +1,151 @@
+"""Training: packing is exact, QLoRA trains on CPU, and a stage continues from its parent's weights."""
+
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from conftest import make_recipe
+
+from data_prep.build import load_processed
+from train.model import load_model_for_training, load_tokenizer
+from train.sft import run_sft
+from train.trainer import StageSFTTrainer, build_sft_config
+
+
+def _sequence_logits(model, batch) -> dict[tuple, torch.Tensor]:
+    """Logits of every sequence in a (padded or packed) batch, keyed by its token ids."""
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+    out = {}
+    if "attention_mask" in batch:
+        for row in range(batch["input_ids"].shape[0]):
+            n = int(batch["attention_mask"][row].sum())
+            out[tuple(batch["input_ids"][row, :n].tolist())] = logits[row, :n]
+    else:  # padding-free: one flattened row, sequences start where position_ids restart at 0
+        starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
+        for a, b in zip(starts[:-1], starts[1:], strict=True):
+            out[tuple(batch["input_ids"][0, a:b].tolist())] = logits[0, a:b]
+    return out
+
+
+def _summed_loss(model, batches) -> tuple[float, int]:
+    total, count = 0.0, 0
+    for batch in batches:
+        with torch.no_grad():
+            logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
+        labels = batch["labels"][:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum",
+                                               ignore_index=-100)
+        total += float(ce)
+        count += int((labels != -100).sum())
+    return total, count
+
+
+def test_packed_equals_unpacked_and_sequences_do_not_attend_to_each_other(stage1_dict, tiny_dir, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    recipe = make_recipe(stage1_dict)
+    tokenizer = load_tokenizer(recipe.model)
+    train, _, _ = load_processed(recipe, tokenizer, allow_build=True)
+    examples = train.select(range(12))
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    results = {}
+    for packing in (True, False):
+        r = make_recipe(stage1_dict, [f"training.packing={packing}", "data.max_length=512"])
+        args = build_sft_config(r, str(tmp_path / str(packing)), has_eval=False)
+        trainer = StageSFTTrainer(model=model, args=args, train_dataset=examples, processing_class=tokenizer)
+        batches = list(trainer.get_train_dataloader())
+        if packing:
+            assert all("attention_mask" not in b and "position_ids" in b for b in batches)
+            assert any((b["position_ids"][0] == 0).sum() > 1 for b in batches), "nothing was packed"
+        logits = {}
+        for b in batches:
+            logits.update(_sequence_logits(model, b))
+        results[packing] = (_summed_loss(model, batches), logits)
+    (loss_p, n_p), logits_p = results[True]
+    (loss_u, n_u), logits_u = results[False]
+    # Each packed sequence loses one label (its first token, masked at the boundary): never a completion token.
+    assert n_p == n_u
+    assert abs(loss_p / n_p - loss_u / n_u) < 1e-5
+    assert logits_p.keys() == logits_u.keys() and len(logits_p) == 12
+    worst = max(float((logits_p[k] - logits_u[k]).abs().max()) for k in logits_p)
+    assert worst < 1e-4, f"packed sequences see each other: max logit diff {worst}"
+
+
+def test_qlora_4bit_trains_on_cpu(stage1_dict):
+    import bitsandbytes as bnb
+
+    stage1_dict["model"]["quantization"] = "nf4"
+    stage1_dict["training"].update({"max_steps": 8, "learning_rate": 3e-3, "warmup_steps": 0})
+    recipe = make_recipe(stage1_dict)
+    model = load_model_for_training(recipe)
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    metrics = run_sft(recipe)["metrics"]
+    assert metrics["train_loss_last"] < metrics["train_loss_first"] - 0.5
+    assert (tmp := recipe.output_dir) and json.load(open(f"{tmp}/stage.json"))["quantization"] == "nf4"
+
+
+@pytest.fixture(scope="module")
+def trained_stage1(tmp_path_factory):
+    from conftest import recipe_dict
+
+    root = tmp_path_factory.mktemp("lineage")
+    data = copy.deepcopy(recipe_dict("stage1_medical"))
+    data["output_dir"] = str(root / "stage1")
+    data["data"]["processed_dir"] = str(root / "data1")
+    data["data"]["max_length"] = 256
+    data["training"].update({"max_steps": 30, "logging_steps": 5, "save_steps": 1000})
+    recipe = make_recipe(data)
+    run_sft(recipe)
+    return recipe, root
+
+
+def _eval_loss(model, recipe) -> float:
+    tokenizer = load_tokenizer(recipe.model)
+    _, eval_ds, _ = load_processed(recipe, tokenizer, allow_build=False)
+    total, count = 0.0, 0
+    model.eval()
+    for row in eval_ds:
+        ids = torch.tensor([row["input_ids"]])
+        labels = torch.tensor([[t if m else -100 for t, m in zip(row["input_ids"], row["completion_mask"],
+                                                                  strict=True)]])
+        with torch.no_grad():
+            out = model(input_ids=ids, labels=labels)
+        n = int((labels[:, 1:] != -100).sum())
+        total, count = total + float(out.loss) * n, count + n
+    return total / count
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_stage2_continues_from_stage1(trained_stage1, quantization):
+    stage1, root = trained_stage1
+    info1 = json.load(open(f"{stage1.output_dir}/stage.json"))
+    assert info1["parent"] is None and info1["base_model"] == "tiny"
+    assert (root / "stage1" / "adapter" / "adapter_model.safetensors").is_file()
+
+    from conftest import recipe_dict
+
+    data = copy.deepcopy(recipe_dict("stage2_korean"))
+    data["output_dir"] = str(root / f"stage2-{quantization}")
+    data["parent"] = stage1.output_dir
+    data["model"]["quantization"] = quantization
+    data["data"]["processed_dir"] = str(root / "data2")
+    data["data"]["max_length"] = 256
+    data["training"].update({"max_steps": 2, "logging_steps": 1})
+    stage2 = make_recipe(data)
+
+    base = load_model_for_training(make_recipe(
+        {**copy.deepcopy(data), "parent": None, "output_dir": str(root / f"base-{quantization}")}))
+    start = load_model_for_training(stage2)
+    base_loss, start_loss = _eval_loss(base, stage1), _eval_loss(start, stage1)
+    assert start_loss < base_loss - 1.0, (start_loss, base_loss)
+    if quantization == "nf4":  # merged in 16-bit, then quantized again
+        assert (root / "stage2-nf4" / "parent_merged" / "config.json").is_file()
+
+    record = run_sft(stage2)
+    assert record["parent"] == str((root / "stage1").resolve())
+    saved = json.load(open(root / f"stage2-{quantization}" / "stage.json"))
+    assert saved["parent"] == record["parent"] and saved["metrics"]["global_steps"] == 2
