@@ -12,9 +12,17 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+class _CurrentStderrHandler(logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time (pytest and notebooks swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def get_logger(name: str) -> logging.Logger:
     if not logging.getLogger("trainer").handlers:
-        handler = logging.StreamHandler(sys.stderr)
+        handler = _CurrentStderrHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(message)s", "%H:%M:%S"))
         root = logging.getLogger("trainer")
         root.addHandler(handler)

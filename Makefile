@@ -1,0 +1,82 @@
+# Fresh machine: `make demo` (whole pipeline on the embedded tiny model, CPU) and `make test`.
+# Each target installs what it needs into .venv first.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+TORCH_VERSION := 2.13.0
+# Threads for single-process CPU runs (demo); tests pin OMP_NUM_THREADS=1 per process themselves.
+NPROC := $(shell nproc 2>/dev/null || echo 2)
+
+# Cluster launches: make train-stage1 GPUS=8 [STRATEGY=ddp] [RECIPE=...] [ARGS="training.max_steps=10"]
+GPUS ?= 1
+STRATEGY ?= ddp
+NODES ?= 1
+NODE_RANK ?= 0
+MASTER_ADDR ?= 127.0.0.1
+MASTER_PORT ?= 29500
+ARGS ?=
+
+.PHONY: install demo demo-fast test test-slow test-dist test-gpu test-all lint constraints \
+        data-stage1 data-stage2 train-stage1 train-stage2 train clean
+
+install: $(VENV)/.installed
+
+# CPU machines get torch's CPU wheel (no multi-GB CUDA download) when the PyTorch CPU index is
+# reachable; otherwise pip's own sources decide. GPU machines get the default (CUDA) build.
+$(VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	if command -v nvidia-smi >/dev/null 2>&1; then \
+	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	elif curl -fsS -m 5 -o /dev/null https://download.pytorch.org/whl/cpu/torch/ 2>/dev/null; then \
+	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)" --index-url https://download.pytorch.org/whl/cpu; \
+	else \
+	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
+	fi
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	$(BIN)/python -c "import torch, transformers, trl, peft; print('installed torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__)"
+	touch $@
+
+demo: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(NPROC)} TOKENIZERS_PARALLELISM=false $(BIN)/python -m train demo
+
+demo-fast: install
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(NPROC)} $(BIN)/python -m train demo --fast --out outputs/demo-fast
+
+test: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+test-slow: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow
+
+test-dist: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m dist
+
+test-gpu: install
+	$(BIN)/python -m pytest -q -m gpu
+
+lint: install
+	$(BIN)/ruff check .
+
+constraints: install
+	{ head -n 2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -vE '^(torch|nvidia|triton)'; echo "torch==$(TORCH_VERSION)"; } > constraints.new && mv constraints.new constraints.txt
+
+# --- the team's stages (real model; needs the Hub or a local HF cache, and GPUs) -------------
+data-stage1: install
+	$(BIN)/python -m data_prep recipes/stage1_medical.yaml $(ARGS)
+
+data-stage2: install
+	$(BIN)/python -m data_prep recipes/stage2_korean.yaml $(ARGS)
+
+train-stage1: RECIPE ?= recipes/stage1_medical.yaml
+train-stage2: RECIPE ?= recipes/stage2_korean.yaml
+train-stage1 train-stage2 train: install
+	@test -n "$(RECIPE)" || { echo "error: set RECIPE=path/to/recipe.yaml"; exit 2; }
+	@test -f accelerate_configs/$(STRATEGY).yaml || { echo "error: no accelerate_configs/$(STRATEGY).yaml (available: $$(ls accelerate_configs | sed 's/.yaml//' | tr '\n' ' '))"; exit 2; }
+	$(BIN)/accelerate launch --config_file accelerate_configs/$(STRATEGY).yaml \
+	  --num_processes $$(( $(GPUS) * $(NODES) )) --num_machines $(NODES) --machine_rank $(NODE_RANK) \
+	  --main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT) \
+	  -m train sft $(RECIPE) $(ARGS)
+
+clean:
+	rm -rf outputs/demo outputs/demo-fast
