@@ -17,7 +17,7 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS ?=
 
-.PHONY: install demo demo-fast test test-slow test-dist test-gpu test-all lint constraints \
+.PHONY: install demo demo-fast test test-slow test-dist test-gpu test-all lint constraints bench \
         data-stage1 data-stage2 train-stage1 train-stage2 train clean
 
 install: $(VENV)/.installed
@@ -54,6 +54,10 @@ test-dist: install
 
 test-gpu: install
 	$(BIN)/python -m pytest -q -m gpu
+
+# Benchmarks write bench/results/<date>-<machine>.json and .md (never timed tests).
+bench: install
+	$(BIN)/python -m bench.data_prep_bench
 
 lint: install
 	$(BIN)/ruff check .

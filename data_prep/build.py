@@ -20,8 +20,9 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
+from data_prep import dedup
 from data_prep.schemas import Record, canonicalize
-from data_prep.sources import Reject, iter_source, local_files, resolve_local
+from data_prep.sources import Reject, eval_texts, iter_source, local_files, resolve_local
 from data_prep.templates import Rendered, render_texts, tokenize_pairs
 from train.config import Recipe
 from train.errors import UserError
@@ -29,7 +30,7 @@ from train.logging_utils import get_logger
 
 log = get_logger("data_prep")
 
-PIPELINE_VERSION = 1  # bump when the build changes what it writes
+PIPELINE_VERSION = 2  # bump when the build changes what it writes
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -51,9 +52,11 @@ def fingerprint(recipe: Recipe, tokenizer) -> str:
     spec = asdict(recipe.data)
     spec.pop("processed_dir")
     h.update(json.dumps(spec, sort_keys=True, ensure_ascii=False).encode())
-    for source in recipe.data.sources:
-        local = resolve_local(source.path, REPO_ROOT)
+    local_paths = [(s.path, s.loader) for s in recipe.data.sources] + [(p, "local") for p in recipe.data.decontaminate]
+    for path, loader in local_paths:
+        local = resolve_local(path, REPO_ROOT) if loader != "hub" or Path(path).exists() else None
         if local is None:  # Hub: identified by id, config and split
+            source = next(s for s in recipe.data.sources if s.path == path)
             h.update(f"hub:{source.path}:{source.config_name}:{source.split}".encode())
             continue
         for path in local_files(local):
@@ -91,6 +94,52 @@ def _apply_length_policy(rendered: list[Rendered], records: list[Record], recipe
         counts[reason] += 1
         rejects.append(Reject(rec.source, rec.row_id, reason, f"{total} tokens > {max_len}"))
     return kept, counts
+
+
+def _record_text(rec: Record) -> str:
+    # The record's own text, not the rendered template: a shared system prompt would make every pair look alike.
+    return "\n".join(t for t in (rec.question, rec.reasoning, rec.answer) if t)
+
+
+def _deduplicate(kept: list, data) -> tuple[list, list[Reject]]:
+    removed: list[Reject] = []
+    if data.dedup.exact:
+        seen, unique = set(), []
+        for r, rec in kept:
+            key = hashlib.sha256(_normalized(r.prompt + "\x00" + r.completion).encode()).hexdigest()
+            if key in seen:
+                removed.append(Reject(rec.source, rec.row_id, "duplicate", "exact duplicate (normalized text)"))
+                continue
+            seen.add(key)
+            unique.append((r, rec))
+        kept = unique
+    if data.dedup.near != "none" and len(kept) > 1:
+        texts = [_record_text(rec) for _, rec in kept]
+        cfg = data.dedup
+        if cfg.near == "minhash":
+            dropped = dedup.minhash_duplicates(texts, cfg.minhash_threshold, cfg.ngram, cfg.num_perm, seed=data.seed)
+            how = f"MinHash Jaccard >= {cfg.minhash_threshold}"
+        else:
+            dropped = dedup.semantic_duplicates(texts, cfg.semantic_threshold, cfg.semantic_model)
+            how = f"cosine >= {cfg.semantic_threshold} ({cfg.semantic_model})"
+        for index, original in sorted(dropped.items()):
+            rec, orig = kept[index][1], kept[original][1]
+            removed.append(Reject(rec.source, rec.row_id, "near_duplicate",
+                                  f"{how} with {orig.source}:{orig.row_id}"))
+        kept = [item for i, item in enumerate(kept) if i not in dropped]
+    return kept, removed
+
+
+def _decontaminate(kept: list, data, tokenizer) -> tuple[list, list[Reject]]:
+    if not data.decontaminate:
+        return kept, []
+    texts = [t for path in data.decontaminate for t in eval_texts(path, REPO_ROOT)]
+    eval_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    bad = set(dedup.contaminated_rows([r.input_ids for r, _ in kept], eval_ids, data.decontaminate_ngram))
+    removed = [Reject(rec.source, rec.row_id, "contaminated",
+                      f"shares a {data.decontaminate_ngram}-token n-gram with {', '.join(data.decontaminate)}")
+               for i, (_, rec) in enumerate(kept) if i in bad]
+    return [item for i, item in enumerate(kept) if i not in bad], removed
 
 
 def _mix(by_source: dict[str, list], recipe: Recipe, rng: random.Random) -> tuple[list, dict]:
@@ -180,18 +229,11 @@ def build(recipe: Recipe, tokenizer) -> dict:
     rendered = tokenize_pairs(prompts, completions, tokenizer)
     kept, length_counts = _apply_length_policy(rendered, records, recipe, rejects)
 
-    duplicates = []
-    if data.dedup:
-        seen, unique = set(), []
-        for r, rec in kept:
-            key = hashlib.sha256(_normalized(r.prompt + "\x00" + r.completion).encode()).hexdigest()
-            if key in seen:
-                duplicates.append(Reject(rec.source, rec.row_id, "duplicate", "exact duplicate (normalized text)"))
-                continue
-            seen.add(key)
-            unique.append((r, rec))
-        kept = unique
-    rejects.extend(duplicates)
+    dedup_started = time.perf_counter()
+    kept, removed = _deduplicate(kept, data)
+    dedup_seconds = time.perf_counter() - dedup_started
+    kept, contaminated = _decontaminate(kept, data, tokenizer)
+    rejects.extend(removed + contaminated)
 
     by_source: dict[str, list] = {}
     for item in kept:
@@ -229,7 +271,11 @@ def build(recipe: Recipe, tokenizer) -> dict:
         "rejected": dict(validation_rejects),
         "reject_fraction": round(reject_fraction, 4),
         "length_policy": {"policy": data.length_policy, "max_length": data.max_length, **dict(length_counts)},
-        "duplicates_removed": len(duplicates),
+        "duplicates_removed": len([r for r in removed if r.reason == "duplicate"]),
+        "near_duplicates_removed": len([r for r in removed if r.reason == "near_duplicate"]),
+        "near_dedup_method": data.dedup.near,
+        "dedup_seconds": round(dedup_seconds, 2),
+        "contaminated_removed": len(contaminated),
         "mixed_rows": mix_counts,
         "train_rows": len(train_rows),
         "eval_rows": len(eval_rows),
@@ -239,6 +285,7 @@ def build(recipe: Recipe, tokenizer) -> dict:
         "seconds": round(time.perf_counter() - started, 2),
     }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    (out / "report.txt").write_text(format_report(manifest) + "\n", encoding="utf-8")
     return manifest
 
 
@@ -252,7 +299,9 @@ def format_report(manifest: dict) -> str:
     lp = manifest["length_policy"]
     extra = ", ".join(f"{k}={v}" for k, v in lp.items() if k not in ("policy", "max_length")) or "none"
     lines.append(f"  length policy {lp['policy']} at {lp['max_length']} tokens: {extra}")
-    lines.append(f"  duplicates removed: {manifest['duplicates_removed']}")
+    lines.append(f"  duplicates removed: exact {manifest['duplicates_removed']}, near "
+                 f"{manifest['near_duplicates_removed']} ({manifest['near_dedup_method']}, "
+                 f"{manifest['dedup_seconds']}s), contaminated {manifest['contaminated_removed']}")
     pct = manifest["length_percentiles"]
     lines.append(f"  tokens/example p50={pct.get('p50')} p90={pct.get('p90')} p99={pct.get('p99')} max={pct.get('max')}")
     lines.append(f"  train rows {manifest['train_rows']} ({manifest['train_tokens']} tokens), eval rows "

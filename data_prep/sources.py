@@ -146,20 +146,26 @@ def _iter_xlsx(path: Path) -> Iterator[RawRow]:
 
 
 def iter_source(source: SourceConfig, root: Path, rejects: list[Reject]) -> Iterator[RawRow]:
+    if source.loader == "hub":
+        local = Path(source.path) if Path(source.path).is_absolute() else root / source.path
+        yield from _iter_hub(source, str(local) if local.is_dir() else source.path)
+        return
     local = resolve_local(source.path, root)
+    if local is None and source.loader == "local":
+        raise UserError(f"data file not found: {root / source.path}")
     if local is not None:
         for path in local_files(local):
             yield from _iter_file(path, source.name, rejects)
         return
-    yield from _iter_hub(source)
+    yield from _iter_hub(source, source.path)
 
 
-def _iter_hub(source: SourceConfig) -> Iterator[RawRow]:
+def _iter_hub(source: SourceConfig, path: str) -> Iterator[RawRow]:
     """A Hub dataset through `datasets.load_dataset` (cached locally after the first download)."""
     import datasets
 
     try:
-        ds = datasets.load_dataset(source.path, source.config_name, split=source.split)
+        ds = datasets.load_dataset(path, source.config_name, split=source.split)
     except Exception as err:  # offline, missing config, auth: datasets raises many types
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise UserError(
@@ -168,3 +174,16 @@ def _iter_hub(source: SourceConfig) -> Iterator[RawRow]:
         ) from None
     for index, cells in enumerate(ds):
         yield RawRow(f"{source.split}:{index}", cells)
+
+
+def eval_texts(path: str, root: Path) -> list[str]:
+    """Every text cell of an eval set file or folder (for decontamination)."""
+    local = resolve_local(path, root)
+    if local is None:
+        raise UserError(f"decontamination set not found: {root / path} (give a local file or folder)")
+    rejects: list[Reject] = []
+    texts = []
+    for file in local_files(local):
+        for row in _iter_file(file, "decontaminate", rejects):
+            texts.extend(v for v in row.cells.values() if isinstance(v, str) and v.strip())
+    return texts

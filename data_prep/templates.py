@@ -87,14 +87,17 @@ def render_texts(records: list[Record], template: str, system_prompt: str, empty
     return prompts, completions
 
 
-def tokenize_pairs(prompts: list[str], completions: list[str], tokenizer) -> list[Rendered]:
-    """Batched tokenization (the fast tokenizer runs the batch in parallel in Rust)."""
+def tokenize_pairs(prompts: list[str], completions: list[str], tokenizer, chunk_size: int = 4096) -> list[Rendered]:
+    """Batched tokenization (the fast tokenizer runs each batch in parallel in Rust)."""
     if tokenizer.eos_token_id is None:
         raise UserError(f"tokenizer '{tokenizer.name_or_path}' has no EOS token; training needs one")
-    prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
-    completion_ids = tokenizer(completions, add_special_tokens=False)["input_ids"] if completions else []
     eos = tokenizer.eos_token_id
-    return [
-        Rendered(p, c, list(pi), list(ci) + [eos])
-        for p, c, pi, ci in zip(prompts, completions, prompt_ids, completion_ids, strict=True)
-    ]
+    out: list[Rendered] = []
+    # Chunks bound memory: a batch call keeps every Encoding (offsets, masks) alive until it returns.
+    for start in range(0, len(prompts), chunk_size):
+        p_chunk, c_chunk = prompts[start: start + chunk_size], completions[start: start + chunk_size]
+        prompt_ids = tokenizer(p_chunk, add_special_tokens=False)["input_ids"]
+        completion_ids = tokenizer(c_chunk, add_special_tokens=False)["input_ids"]
+        out.extend(Rendered(p, c, pi, ci + [eos])
+                   for p, c, pi, ci in zip(p_chunk, c_chunk, prompt_ids, completion_ids, strict=True))
+    return out

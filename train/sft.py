@@ -50,8 +50,9 @@ def run_sft(recipe: Recipe) -> dict:
 
     tokenizer = load_tokenizer(recipe.model)
     train_ds, eval_ds, manifest = load_processed(recipe, tokenizer, allow_build=world_size == 1)
-    model = load_model_for_training(recipe)
+    # The config first: under ZeRO-3 it makes from_pretrained shard the weights as they load.
     args = build_sft_config(recipe, str(out), has_eval=eval_ds is not None)
+    model = load_model_for_training(recipe)
     (out / "metrics.jsonl").unlink(missing_ok=True)
     trainer = StageSFTTrainer(
         model=model,

@@ -1,0 +1,47 @@
+"""Shared helpers of the benchmarks: machine name, results file, markdown table."""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from pathlib import Path
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0).replace(" ", "-")
+    import os
+
+    return f"cpu{os.cpu_count()}-{platform.machine()}"
+
+
+def write_results(section: str, rows: list[dict], notes: str) -> Path:
+    """Merge one section into bench/results/<date>-<machine>.json and rewrite the markdown next to it."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stem = f"{time.strftime('%Y-%m-%d')}-{machine()}"
+    path = RESULTS_DIR / f"{stem}.json"
+    data = json.loads(path.read_text()) if path.is_file() else {"machine": machine(), "sections": {}}
+    data["torch"] = torch.__version__
+    data["sections"][section] = {"rows": rows, "notes": notes, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    (RESULTS_DIR / f"{stem}.md").write_text(to_markdown(data))
+    return path
+
+
+def to_markdown(data: dict) -> str:
+    out = [f"# Benchmarks on {data['machine']} (torch {data['torch']})", ""]
+    for name, section in data["sections"].items():
+        rows = section["rows"]
+        out += [f"## {name}", "", section["notes"], ""]
+        if rows:
+            keys = list(rows[0])
+            out.append("| " + " | ".join(keys) + " |")
+            out.append("|" + "---|" * len(keys))
+            out += ["| " + " | ".join(str(r.get(k, "")) for k in keys) + " |" for r in rows]
+        out.append("")
+    return "\n".join(out)

@@ -1,0 +1,92 @@
+"""Near-duplicates (MinHash and semantic), decontamination, and the Hub loader on a local dataset repo."""
+
+from __future__ import annotations
+
+import json
+
+import pyarrow.parquet as pq
+import pytest
+from conftest import make_recipe, write_jsonl
+
+from data_prep.build import build
+from data_prep.dedup import contaminated_rows, minhash_duplicates
+
+SEOUL = ("다음 문장을 한 문장으로 요약하세요.", "서울은 대한민국의 수도이며 정치, 경제, 문화의 중심지이다.",
+         "서울은 인구 약 천만 명의 대한민국 수도입니다.")
+SEOUL_PARTICLE = (SEOUL[0], SEOUL[1].replace("서울은 대한민국의", "서울이 대한민국의"), SEOUL[2])  # 은 -> 이
+BLOOD_PRESSURE = ("고혈압 환자에게 권장되는 식습관을 설명해 주세요.", "",
+                  "고혈압 환자는 소금 섭취를 줄이고, 채소와 과일을 충분히 먹으며, 음주를 제한하는 것이 좋습니다.")
+WATER = ("물을 충분히 마셔야 하는 이유를 간단히 설명하세요.", "",
+         "물은 체온을 조절하고 노폐물을 배출하며 혈액 순환을 돕기 때문에 충분히 마셔야 합니다.")
+
+
+def ko_rows(*triples):
+    return [{"instruction": i, "input": x, "output": o} for i, x, o in triples]
+
+
+def ko_recipe(tmp_path, path, **data):
+    return make_recipe({"stage": "t", "output_dir": str(tmp_path / "o"),
+                        "data": {"sources": [{"name": "ko", "path": str(path), "schema": "kocommercial"}],
+                                 "processed_dir": str(tmp_path / "p"), "eval_fraction": 0.0, **data}})
+
+
+@pytest.mark.parametrize("method", ["minhash", "semantic"])
+def test_korean_near_duplicate_with_one_particle_changed(tmp_path, tokenizer, method):
+    path = write_jsonl(tmp_path / "ko.jsonl", ko_rows(SEOUL, BLOOD_PRESSURE, SEOUL_PARTICLE, WATER))
+    manifest = build(ko_recipe(tmp_path, path, dedup={"near": method}), tokenizer)
+    assert manifest["near_duplicates_removed"] == 1 and manifest["train_rows"] == 3
+    rejects = [json.loads(x) for x in (tmp_path / "p" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["row_id"], r["reason"]) for r in rejects] == [("ko.jsonl:3", "near_duplicate")]
+    assert "ko:ko.jsonl:1" in rejects[0]["detail"]  # names the row it duplicates
+    kept = pq.read_table(tmp_path / "p" / "train.parquet").column("id").to_pylist()
+    assert sorted(kept) == ["ko:ko.jsonl:1", "ko:ko.jsonl:2", "ko:ko.jsonl:4"]  # unrelated sentences kept
+
+
+def test_near_dedup_off_keeps_both(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "ko.jsonl", ko_rows(SEOUL, SEOUL_PARTICLE))
+    manifest = build(ko_recipe(tmp_path, path, dedup={"near": "none"}), tokenizer)
+    assert manifest["near_duplicates_removed"] == 0 and manifest["train_rows"] == 2
+
+
+def test_minhash_scales_without_pairwise_work():
+    import random
+
+    rng = random.Random(0)
+    texts = [f"문서 {i}번: " + " ".join(f"단어{rng.randrange(100_000)}" for _ in range(30)) for i in range(3000)]
+    texts.append(texts[10] + " 끝")
+    assert minhash_duplicates(texts, 0.8, 4, 128) == {3000: 10}
+
+
+def test_decontamination_drops_rows_overlapping_an_eval_set(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "ko.jsonl", ko_rows(SEOUL, BLOOD_PRESSURE, WATER))
+    eval_set = write_jsonl(tmp_path / "eval.jsonl", [{"question": "혈압 질문", "answer": BLOOD_PRESSURE[2]}])
+    manifest = build(ko_recipe(tmp_path, path, decontaminate=[str(eval_set)]), tokenizer)
+    assert manifest["contaminated_removed"] == 1 and manifest["train_rows"] == 2
+    rejects = [json.loads(x) for x in (tmp_path / "p" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert [(r["row_id"], r["reason"]) for r in rejects] == [("ko.jsonl:2", "contaminated")]
+
+
+def test_contamination_needs_a_full_ngram():
+    assert contaminated_rows([[1, 2, 3, 4, 5]], [[9, 2, 3, 4, 8]], n=3) == [0]
+    assert contaminated_rows([[1, 2, 3, 4, 5]], [[9, 2, 3, 8, 4]], n=3) == []
+
+
+def test_hub_loader_reads_a_dataset_repository_with_configs(tmp_path, tokenizer):
+    """The `datasets.load_dataset(path, config_name, split)` path, on a local copy of a Hub repo layout."""
+    repo = tmp_path / "medical-o1-reasoning-SFT"
+    for config, question in (("en", "A man has chest pain. Diagnosis?"), ("ko", "남성이 흉통을 호소합니다. 진단은?")):
+        (repo / config).mkdir(parents=True)
+        write_jsonl(repo / config / "train.jsonl",
+                    [{"Question": question, "Complex_CoT": "Reasoning.", "Response": "Answer."}])
+    (repo / "README.md").write_text(
+        "---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n    path: en/train.jsonl\n"
+        "- config_name: ko\n  data_files:\n  - split: train\n    path: ko/train.jsonl\n---\n", encoding="utf-8")
+    recipe = make_recipe({"stage": "t", "output_dir": str(tmp_path / "o"), "data": {
+        "sources": [{"name": "med", "path": str(repo), "schema": "medical_o1", "loader": "hub",
+                     "config_name": "ko", "split": "train"}],
+        "processed_dir": str(tmp_path / "p"), "eval_fraction": 0.0}})
+    manifest = build(recipe, tokenizer)
+    assert manifest["raw_rows"] == {"med": 1}
+    [row] = pq.read_table(tmp_path / "p" / "train.parquet").to_pylist()
+    assert "남성이 흉통을" in row["prompt"] and row["id"] == "med:train:0"
+    assert (tmp_path / "p" / "report.txt").read_text(encoding="utf-8").startswith("data build: t")
