@@ -8,7 +8,8 @@ TORCH_VERSION := 2.13.0
 # Threads for single-process CPU runs (demo); tests pin OMP_NUM_THREADS=1 per process themselves.
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 
-# Cluster launches: make train-stage1 GPUS=8 [STRATEGY=ddp] [RECIPE=...] [ARGS="training.max_steps=10"]
+# Cluster launches: make train-stage1 GPUS=8 [STRATEGY=ddp|fsdp|zero2|zero3|zero3_offload|auto] [RECIPE=...]
+#                   [ARGS="training.max_steps=10"] [GPU_MEMORY_GB=24 for auto without a visible GPU]
 GPUS ?= 1
 STRATEGY ?= ddp
 NODES ?= 1
@@ -33,7 +34,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	else \
 	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
 	fi
-	$(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e ".[dev]"
 	$(BIN)/python -c "import torch, transformers, trl, peft; print('installed torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__)"
 	touch $@
 
@@ -43,6 +44,7 @@ demo: install
 demo-fast: install
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(NPROC)} $(BIN)/python -m train demo --fast --out outputs/demo-fast
 
+# Default suite: CPU tests including the multi-process (dist) ones; slow and gpu have their own targets.
 test: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
@@ -76,8 +78,10 @@ train-stage1: RECIPE ?= recipes/stage1_medical.yaml
 train-stage2: RECIPE ?= recipes/stage2_korean.yaml
 train-stage1 train-stage2 train: install
 	@test -n "$(RECIPE)" || { echo "error: set RECIPE=path/to/recipe.yaml"; exit 2; }
-	@test -f accelerate_configs/$(STRATEGY).yaml || { echo "error: no accelerate_configs/$(STRATEGY).yaml (available: $$(ls accelerate_configs | sed 's/.yaml//' | tr '\n' ' '))"; exit 2; }
-	$(BIN)/accelerate launch --config_file accelerate_configs/$(STRATEGY).yaml \
+	@strategy=$(STRATEGY); \
+	if [ "$$strategy" = auto ]; then strategy=$$($(BIN)/python -m train pick-strategy $(RECIPE) --gpus $(GPUS) $(if $(GPU_MEMORY_GB),--gpu-memory-gb $(GPU_MEMORY_GB))) || exit 2; fi; \
+	test -f accelerate_configs/$$strategy.yaml || { echo "error: no accelerate_configs/$$strategy.yaml (available: $$(ls accelerate_configs/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ') auto)"; exit 2; }; \
+	$(BIN)/accelerate launch --config_file accelerate_configs/$$strategy.yaml \
 	  --num_processes $$(( $(GPUS) * $(NODES) )) --num_machines $(NODES) --machine_rank $(NODE_RANK) \
 	  --main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT) \
 	  -m train sft $(RECIPE) $(ARGS)

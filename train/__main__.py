@@ -4,6 +4,7 @@
     python -m train generate STAGE_DIR --prompt TEXT       generate from a trained stage
     python -m train demo [--fast]                          the whole pipeline on the embedded tiny model
     python -m train build-tiny                             build (or find) the embedded tiny model
+    python -m train pick-strategy RECIPE --gpus N          STRATEGY=auto: which accelerate config to use
 """
 
 from __future__ import annotations
@@ -30,7 +31,32 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--fast", action="store_true", help="few steps: checks the plumbing, not the learning")
     demo.add_argument("--out", default="outputs/demo", help="where the demo writes its stages and summary")
     sub.add_parser("build-tiny", help="build the embedded tiny model and print its folder")
+    pick = sub.add_parser("pick-strategy", help="STRATEGY=auto: print the launch strategy for a recipe and GPUs")
+    pick.add_argument("recipe")
+    pick.add_argument("--gpus", type=int, required=True)
+    pick.add_argument("--gpu-memory-gb", type=float, help="memory per GPU (default: read from the first GPU)")
     return parser
+
+
+def _pick_strategy(args) -> None:
+    from transformers import AutoConfig
+
+    from train.config import load_recipe
+    from train.launch import gpu_memory_gb, parameter_count, pick_strategy
+    from train.model import resolve_model_path
+
+    recipe = load_recipe(args.recipe)
+    memory = args.gpu_memory_gb or gpu_memory_gb()
+    if memory is None:
+        raise UserError("no GPU visible to read its memory from; pass --gpu-memory-gb (e.g. 24 for a 4090, 80 for H100)")
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(recipe.model.name_or_path),
+                                            revision=recipe.model.revision)
+    except OSError as err:
+        raise UserError(f"cannot read the config of '{recipe.model.name_or_path}': {str(err).splitlines()[0]}") from None
+    strategy, why = pick_strategy(parameter_count(config), recipe.model.quantization, args.gpus, memory)
+    sys.stderr.write(f"STRATEGY=auto -> {strategy}: {why}\n")
+    sys.stdout.write(("ddp" if strategy == "single" else strategy) + "\n")
 
 
 @cli_guard
@@ -55,6 +81,8 @@ def main(argv: list[str] | None = None) -> None:
         from train.tiny import ensure_tiny_model
 
         sys.stdout.write(f"{ensure_tiny_model()}\n")
+    elif args.command == "pick-strategy":
+        _pick_strategy(args)
     else:  # argparse already rejects unknown commands
         raise UserError(f"unknown command {args.command}")
 

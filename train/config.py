@@ -180,6 +180,16 @@ class DataConfig:
 class TrainingConfig:
     per_device_train_batch_size: int = field(default=2, metadata={"help": "Micro-batch per GPU (packed rows)."})
     gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
+    global_batch_size: int | None = field(
+        default=None,
+        metadata={"help": "Rows per optimizer step over all processes; when set, gradient accumulation is derived "
+                          "from it (per_device_train_batch_size x processes must divide it)."},
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata={"help": "'auto' = newest checkpoint in output_dir if there is one; a path = that checkpoint; "
+                          "null = start fresh."},
+    )
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "Transformers scheduler name."})
     warmup_steps: int = field(default=5, metadata={"help": "Linear warm-up steps."})

@@ -12,12 +12,14 @@ loss_curve.png and the resolved recipe.yaml.
 from __future__ import annotations
 
 import os
+import shutil
 import time
 from pathlib import Path
 
 from data_prep.build import load_processed
 from train.config import Recipe
 from train.errors import UserError
+from train.launch import check_launch, check_sharding, detect_launch, sharding_in_effect
 from train.logging_utils import get_logger
 from train.model import ADAPTER_DIR, load_model_for_training, load_tokenizer, peft_lora_config
 from train.stage import MetricsLogCallback, losses, write_stage_outputs
@@ -36,6 +38,33 @@ def _check_output_dir(out: Path) -> None:
         raise UserError(f"output_dir {out} is not writable ({err.strerror})") from None
 
 
+def _check_launcher_precision(recipe: Recipe) -> None:
+    """`accelerate launch --mixed_precision` (or a config's mixed_precision) must agree with the recipe."""
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(recipe.model.dtype, "no")
+    if launched not in ("no", wanted):
+        raise UserError(
+            f"the launcher asks for mixed_precision={launched} but the recipe's model.dtype is {recipe.model.dtype}; "
+            f"precision comes from the recipe: drop --mixed_precision / set mixed_precision: 'no' in the accelerate "
+            f"config, or set model.dtype accordingly"
+        )
+
+
+def _resume_point(recipe: Recipe, out: Path) -> str | None:
+    wanted = recipe.training.resume_from_checkpoint
+    if wanted is None:
+        return None
+    if wanted != "auto":
+        if not Path(wanted).is_dir():
+            raise UserError(f"training.resume_from_checkpoint: {wanted} is not a checkpoint folder")
+        return wanted
+    from transformers.trainer_utils import get_last_checkpoint
+
+    last = get_last_checkpoint(str(out)) if out.is_dir() else None
+    log.info("resume: %s", f"from {last}" if last else "no checkpoint in output_dir, starting fresh")
+    return last
+
+
 def run_sft(recipe: Recipe) -> dict:
     """Train one stage; return its stage record (what stage.json holds)."""
     from transformers import set_seed
@@ -45,15 +74,23 @@ def run_sft(recipe: Recipe) -> dict:
     _check_output_dir(out)
     if recipe.backend != "transformers":
         raise UserError(f"backend '{recipe.backend}' is not available in this version; use backend: transformers")
+    _check_launcher_precision(recipe)
+    launch = detect_launch()
+    check_launch(recipe, launch)
+    resume = _resume_point(recipe, out)
     set_seed(recipe.training.seed)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launch.world_size
 
     tokenizer = load_tokenizer(recipe.model)
     train_ds, eval_ds, manifest = load_processed(recipe, tokenizer, allow_build=world_size == 1)
     # The config first: under ZeRO-3 it makes from_pretrained shard the weights as they load.
     args = build_sft_config(recipe, str(out), has_eval=eval_ds is not None)
     model = load_model_for_training(recipe)
-    (out / "metrics.jsonl").unlink(missing_ok=True)
+    if resume is None and int(os.environ.get("RANK", "0")) == 0:
+        (out / "metrics.jsonl").unlink(missing_ok=True)
+    # Seed again right before the LoRA is created: its init must not depend on how much randomness
+    # earlier steps used (building the tiny model, distributed set-up), or runs stop being comparable.
+    set_seed(recipe.training.seed)
     trainer = StageSFTTrainer(
         model=model,
         args=args,
@@ -63,13 +100,21 @@ def run_sft(recipe: Recipe) -> dict:
         peft_config=peft_lora_config(recipe.lora),
         callbacks=[MetricsLogCallback(out / "metrics.jsonl")],
     )
-    log.info("stage %s: %d train rows, %d eval rows, parent=%s", recipe.stage, len(train_ds),
-             len(eval_ds) if eval_ds is not None else 0, recipe.parent)
-    result = trainer.train()
+    sharding = sharding_in_effect(trainer)
+    check_sharding(launch, sharding)
+    log.info("stage %s: %d train rows, %d eval rows, parent=%s, %d process(es), sharding=%s", recipe.stage,
+             len(train_ds), len(eval_ds) if eval_ds is not None else 0, recipe.parent, world_size, sharding)
+    result = trainer.train(resume_from_checkpoint=resume)
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
-    trainer.save_model(str(out / ADAPTER_DIR))  # PEFT model: adapter weights only, safetensors
+    adapter_dir = out / ADAPTER_DIR
     if trainer.is_world_process_zero():
-        tokenizer.save_pretrained(str(out / ADAPTER_DIR))
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # never leave an earlier run's adapter in place
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(adapter_dir))  # PEFT model: adapter weights only, safetensors
+    if trainer.is_world_process_zero():
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise RuntimeError(f"training finished but no adapter was written to {adapter_dir}")
+        tokenizer.save_pretrained(str(adapter_dir))
 
     real, slots = trainer.token_totals()
     curve = losses(trainer.state.log_history)
@@ -84,6 +129,9 @@ def run_sft(recipe: Recipe) -> dict:
         "padding_efficiency": round(real / slots, 4) if slots else None,
         "seconds": round(time.perf_counter() - started, 2),
         "world_size": world_size,
+        "strategy": launch.strategy,
+        "sharding": sharding,
+        "resumed_from": resume,
     }
     record = write_stage_outputs(recipe, out, manifest, metrics, trainer.state.log_history)
     log.info("stage %s done: loss %.3f -> %.3f, %d tokens, padding efficiency %.3f, %.1fs -> %s",

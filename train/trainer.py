@@ -32,6 +32,25 @@ class StageSFTTrainer(SFTTrainer):
         self.token_slots += input_ids.numel()
         return super().training_step(model, inputs, num_items_in_batch)
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Under FSDP, gather the LoRA weights alone and save them from rank 0.
+
+        Trainer.save_model writes nothing under FSDP with SHARDED_STATE_DICT, and FULL_STATE_DICT would
+        gather the whole frozen base (65 GB for 32B) to save a few hundred MB of adapter.
+        """
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        adapter_state = {}
+        for name, tensor in self.model.state_dict().items():
+            if "lora_" in name:  # every rank joins each gather
+                full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                adapter_state[name] = full.detach().cpu()
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.model).save_pretrained(
+                output_dir, state_dict=adapter_state, safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+
     def token_totals(self) -> tuple[int, int]:
         """(real tokens, token slots) summed over all processes."""
         totals = torch.tensor([self.real_tokens, self.token_slots], dtype=torch.long, device=self.accelerator.device)
@@ -52,6 +71,8 @@ def _check_sft_args(extra: dict, origin: str) -> None:
 
 
 def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConfig:
+    from train.launch import detect_launch, gradient_accumulation
+
     t, m = recipe.training, recipe.model
     _check_sft_args(t.sft_args, recipe.source_path or "<recipe>")
     eval_kwargs = {}
@@ -61,7 +82,7 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
         output_dir=output_dir,
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_train_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_accumulation_steps=gradient_accumulation(recipe, detect_launch()),
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
         warmup_steps=t.warmup_steps,

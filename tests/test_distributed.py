@@ -1,0 +1,122 @@
+"""DDP, ZeRO-2, ZeRO-3 and FSDP2 on CPU: two processes at micro-batch b equal one process at 2b.
+
+Real `accelerate launch` subprocesses with the shipped configs (gloo). FSDP2 needs the test-only
+shim in tests/fsdp_cpu_shim (accelerate falls back to DDP on CPU otherwise); each run records the
+sharding the trainer actually set up, and the test checks it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import REPO
+from safetensors.torch import load_file
+
+pytestmark = pytest.mark.dist
+
+RECIPE = "recipes/tiny/stage1_medical.yaml"
+COMMON = ["training.max_steps=4", "training.logging_steps=1", "training.save_steps=2", "training.warmup_steps=0",
+          "training.learning_rate=2e-4", "data.max_length=256", "training.save_total_limit=null"]
+EXPECTED_SHARDING = {"ddp": "ddp", "zero2": "zero2", "zero3": "zero3", "fsdp": "fsdp2"}
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(out: Path, data: Path, strategy: str | None, batch: int, extra: list[str] = ()) -> dict:
+    args = [RECIPE, *COMMON, f"data.processed_dir={data}", f"output_dir={out}",
+            f"training.per_device_train_batch_size={batch}", *extra]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    if strategy is None:
+        cmd = [sys.executable, "-m", "train", "sft", *args]
+    else:
+        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+               f"accelerate_configs/{strategy}.yaml", "--num_processes", "2", "--main_process_port",
+               str(_free_port()), "-m", "train", "sft", *args]
+        if strategy == "fsdp":
+            env.update(FSDP_CPU_SHIM="1", PYTHONPATH=str(REPO / "tests" / "fsdp_cpu_shim"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads((out / "stage.json").read_text())
+
+
+def losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def max_adapter_diff(a: Path, b: Path) -> float:
+    x, y = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+    assert x.keys() == y.keys() and len(x) == 56  # 4 layers x 7 modules x (A, B): nothing dropped or empty
+    return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    data = root / "data"
+    subprocess.run([sys.executable, "-m", "data_prep", RECIPE, "data.max_length=256", f"data.processed_dir={data}"],
+                   cwd=REPO, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    run(root / "single", data, None, batch=2)
+    return root, data
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "zero2", "zero3", "fsdp"])
+def test_two_processes_equal_one_and_resume(reference, strategy):
+    root, data = reference
+    out = root / strategy
+    record = run(out, data, strategy, batch=1)
+    metrics = record["metrics"]
+    assert metrics["world_size"] == 2 and metrics["sharding"] == EXPECTED_SHARDING[strategy]
+    single, multi = losses(root / "single"), losses(out)
+    assert len(single) == len(multi) == 4
+    assert max(abs(a - b) for a, b in zip(single, multi, strict=True)) < 1e-4, (single, multi)
+    assert max_adapter_diff(root / "single", out) < 1e-4
+
+    # Checkpoints hold the adapter and its optimizer state, never a copy of the frozen base.
+    base_bytes = sum(p.stat().st_size for p in (REPO / ".cache").glob("tiny-qwen2-*/model.safetensors")) / max(
+        1, len(list((REPO / ".cache").glob("tiny-qwen2-*/model.safetensors"))))
+    checkpoint_bytes = sum(p.stat().st_size for p in (out / "checkpoint-2").rglob("*") if p.is_file())
+    assert checkpoint_bytes < 0.5 * base_bytes, (checkpoint_bytes, base_bytes)
+
+    # Resume from checkpoint-2 in a new launch: same losses for steps 3-4 and the same final adapter.
+    resumed = root / f"{strategy}-resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    record = run(resumed, data, strategy, 1, ["training.resume_from_checkpoint=auto"])
+    assert record["metrics"]["resumed_from"].endswith("checkpoint-2")
+    assert max(abs(a - b) for a, b in zip(losses(resumed), multi[2:], strict=True)) < 1e-4
+    assert max_adapter_diff(out, resumed) < 1e-4
+
+
+@pytest.mark.parametrize("strategy", ["fsdp", "zero3"])
+def test_qlora_trains_under_sharding(reference, strategy):
+    root, data = reference
+    out = root / f"{strategy}-qlora"
+    qlora = ["model.quantization=nf4", "model.quant_storage=float32", "training.learning_rate=2e-3"]
+    metrics = run(out, data, strategy, 1, qlora)["metrics"]
+    assert metrics["sharding"] == EXPECTED_SHARDING[strategy]
+    assert metrics["train_loss_last"] < metrics["train_loss_first"] - 0.5
+    adapter = load_file(out / "adapter" / "adapter_model.safetensors")
+    assert len(adapter) == 56 and all(float(t.float().abs().max()) > 0 for k, t in adapter.items() if "lora_B" in k)
+
+
+def test_fsdp_without_gpu_or_shim_is_refused(reference, tmp_path):
+    """accelerate silently turns FSDP into DDP on CPU: the trainer must say so, not train."""
+    root, data = reference
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp.yaml",
+           "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "train", "sft", RECIPE, *COMMON,
+           f"data.processed_dir={data}", f"output_dir={tmp_path / 'out'}", "training.per_device_train_batch_size=1"]
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode != 0
+    assert "asked for fsdp but accelerate set up ddp" in proc.stderr
