@@ -185,6 +185,19 @@ class TrainingConfig:
         metadata={"help": "Rows per optimizer step over all processes; when set, gradient accumulation is derived "
                           "from it (per_device_train_batch_size x processes must divide it)."},
     )
+    nonfinite: Literal["skip", "abort"] = field(
+        default="skip",
+        metadata={"help": "A non-finite loss or gradient: 'skip' the update (counted) or 'abort' with a checkpoint "
+                          "of the last good state."},
+    )
+    max_consecutive_nonfinite: int = field(
+        default=5, metadata={"help": "Abort after this many skipped updates in a row."}
+    )
+    stop_at_step: int | None = field(
+        default=None,
+        metadata={"help": "Save and stop after this optimizer step while the schedule still spans max_steps (a "
+                          "time-boxed job); resume later with resume_from_checkpoint: auto."},
+    )
     resume_from_checkpoint: str | None = field(
         default=None,
         metadata={"help": "'auto' = newest checkpoint in output_dir if there is one; a path = that checkpoint; "

@@ -11,17 +11,29 @@ loss_curve.png and the resolved recipe.yaml.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
+
+from transformers import TrainerCallback
 
 from data_prep.build import load_processed
 from train.config import Recipe
 from train.errors import UserError
 from train.launch import check_launch, check_sharding, detect_launch, sharding_in_effect
 from train.logging_utils import get_logger
-from train.model import ADAPTER_DIR, load_model_for_training, load_tokenizer, peft_lora_config
+from train.model import ADAPTER_DIR, adapter_chain, load_model_for_training, load_tokenizer, peft_lora_config
+from train.reliability import (
+    NonFiniteGuard,
+    PreemptionCallback,
+    check_free_disk,
+    checkpoint_problem,
+    lora_parameter_estimate,
+    newest_complete_checkpoint,
+)
 from train.stage import MetricsLogCallback, losses, write_stage_outputs
 from train.trainer import StageSFTTrainer, build_sft_config
 
@@ -36,6 +48,20 @@ def _check_output_dir(out: Path) -> None:
         probe.unlink()
     except OSError as err:
         raise UserError(f"output_dir {out} is not writable ({err.strerror})") from None
+
+
+def _check_disk(recipe: Recipe, out: Path) -> None:
+    from transformers import AutoConfig
+
+    from train.model import resolve_model_path
+
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(recipe.model.name_or_path),
+                                            revision=recipe.model.revision)
+    except OSError as err:
+        raise UserError(f"cannot read the config of '{recipe.model.name_or_path}': {str(err).splitlines()[0]}") \
+            from None
+    check_free_disk(out, lora_parameter_estimate(config, recipe.lora))
 
 
 def _check_launcher_precision(recipe: Recipe) -> None:
@@ -55,14 +81,37 @@ def _resume_point(recipe: Recipe, out: Path) -> str | None:
     if wanted is None:
         return None
     if wanted != "auto":
-        if not Path(wanted).is_dir():
-            raise UserError(f"training.resume_from_checkpoint: {wanted} is not a checkpoint folder")
+        problem = checkpoint_problem(Path(wanted)) if Path(wanted).is_dir() else "not a folder"
+        if problem:
+            raise UserError(f"training.resume_from_checkpoint: {wanted} cannot be resumed from: {problem}")
         return wanted
-    from transformers.trainer_utils import get_last_checkpoint
+    last = newest_complete_checkpoint(out) if out.is_dir() else None
+    log.info("resume: %s", f"from {last}" if last else "no complete checkpoint in output_dir, starting fresh")
+    return str(last) if last else None
 
-    last = get_last_checkpoint(str(out)) if out.is_dir() else None
-    log.info("resume: %s", f"from {last}" if last else "no checkpoint in output_dir, starting fresh")
-    return last
+
+def _trim_metrics_log(path: Path, resume: str | None) -> None:
+    """Keep the log of the steps the checkpoint holds; drop steps that will be trained again."""
+    if resume is None:
+        path.unlink(missing_ok=True)
+        return
+    if not path.is_file():
+        return
+    step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+class _StopAtStep(TrainerCallback):
+    def __init__(self, step: int | None):
+        self.step, self.stopped_at = step, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.step is not None and state.global_step >= self.step:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
 
 
 def run_sft(recipe: Recipe) -> dict:
@@ -81,13 +130,16 @@ def run_sft(recipe: Recipe) -> dict:
     set_seed(recipe.training.seed)
     world_size = launch.world_size
 
+    adapter_chain(recipe.parent)  # parent stages present, before any heavy work
     tokenizer = load_tokenizer(recipe.model)
+    _check_disk(recipe, out)
     train_ds, eval_ds, manifest = load_processed(recipe, tokenizer, allow_build=world_size == 1)
     # The config first: under ZeRO-3 it makes from_pretrained shard the weights as they load.
     args = build_sft_config(recipe, str(out), has_eval=eval_ds is not None)
     model = load_model_for_training(recipe)
-    if resume is None and int(os.environ.get("RANK", "0")) == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _trim_metrics_log(out / "metrics.jsonl", resume)
+    preemption, stop = PreemptionCallback(), _StopAtStep(recipe.training.stop_at_step)
     # Seed again right before the LoRA is created: its init must not depend on how much randomness
     # earlier steps used (building the tiny model, distributed set-up), or runs stop being comparable.
     set_seed(recipe.training.seed)
@@ -98,13 +150,34 @@ def run_sft(recipe: Recipe) -> dict:
         eval_dataset=eval_ds,
         processing_class=tokenizer,
         peft_config=peft_lora_config(recipe.lora),
-        callbacks=[MetricsLogCallback(out / "metrics.jsonl")],
+        callbacks=[MetricsLogCallback(out / "metrics.jsonl"), preemption, stop],
     )
+    guard = NonFiniteGuard(trainer, recipe.training.nonfinite, recipe.training.max_consecutive_nonfinite)
+    trainer.add_callback(guard)
     sharding = sharding_in_effect(trainer)
     check_sharding(launch, sharding)
     log.info("stage %s: %d train rows, %d eval rows, parent=%s, %d process(es), sharding=%s", recipe.stage,
              len(train_ds), len(eval_ds) if eval_ds is not None else 0, recipe.parent, world_size, sharding)
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        preemption.restore()
+    resume_cmd = f"python -m train sft {recipe.source_path} training.resume_from_checkpoint=auto"
+    if guard.aborted_at is not None:
+        raise UserError(
+            f"non-finite loss or gradient at step {guard.aborted_at} (training.nonfinite={recipe.training.nonfinite}, "
+            f"{guard.skipped} bad steps); the last good state is saved in {out}/checkpoint-{trainer.state.global_step}; "
+            f"lower the learning rate or check the data, then resume: {resume_cmd}"
+        )
+    interrupted = preemption.preempted_at or stop.stopped_at
+    if interrupted is not None:
+        why = "preempted" if preemption.preempted_at is not None else "stopped (training.stop_at_step)"
+        message = f"{why} at step {interrupted}; checkpoint saved in {out}; resume with: {resume_cmd}"
+        log.warning(message)
+        if trainer.is_world_process_zero():
+            sys.stderr.write(message + "\n")
+        return {"stage": recipe.stage, "status": "interrupted", "step": interrupted, "output_dir": str(out),
+                "resume": resume_cmd}
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
     adapter_dir = out / ADAPTER_DIR
     if trainer.is_world_process_zero():
@@ -132,6 +205,7 @@ def run_sft(recipe: Recipe) -> dict:
         "strategy": launch.strategy,
         "sharding": sharding,
         "resumed_from": resume,
+        "nonfinite_skipped_steps": guard.skipped,
     }
     record = write_stage_outputs(recipe, out, manifest, metrics, trainer.state.log_history)
     log.info("stage %s done: loss %.3f -> %.3f, %d tokens, padding efficiency %.3f, %.1fs -> %s",

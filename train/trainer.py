@@ -5,12 +5,14 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+from pathlib import Path
 
 import torch
 from trl import SFTConfig, SFTTrainer
 
 from train.config import Recipe
 from train.errors import UserError
+from train.reliability import commit_checkpoint, guard_optimizer_step
 
 # Settings that would put a secret into saved training args; they come from the environment.
 SECRET_ARGS = {"hub_token", "push_to_hub_token"}
@@ -23,6 +25,38 @@ class StageSFTTrainer(SFTTrainer):
         super().__init__(*args, **kwargs)
         self.real_tokens = 0
         self.token_slots = 0
+        self.step_loss_nonfinite = False  # set by training_step, read by NonFiniteGuard
+        self.skip_optimizer_step = False  # set by NonFiniteGuard, honoured by the guarded optimizer
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        guard_optimizer_step(self, optimizer)
+        return optimizer
+
+    def _save_checkpoint(self, model, trial):
+        """Write into tmp-checkpoint-N, list the files, then rename to checkpoint-N (atomic on one filesystem)."""
+        import transformers.trainer as hf_trainer
+        from transformers.trainer_utils import rotate_checkpoints
+
+        step = self.state.global_step
+        run_dir = Path(self._get_output_dir(trial=trial))
+        staging, final = run_dir / f"tmp-checkpoint-{step}", run_dir / f"checkpoint-{step}"
+        prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
+        hf_trainer.PREFIX_CHECKPOINT_DIR = "tmp-checkpoint"  # the Trainer names the folder from this global
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            hf_trainer.PREFIX_CHECKPOINT_DIR = prefix
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staging:
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(staging / "trainer_state.json"))
+            commit_checkpoint(staging, final, step)
+            # The Trainer rotated before the rename, not counting this one: rotate again.
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         input_ids = inputs["input_ids"]
@@ -30,7 +64,10 @@ class StageSFTTrainer(SFTTrainer):
         # Padding-free batches carry no attention_mask: every slot holds a real token.
         self.real_tokens += int(mask.sum()) if mask is not None else input_ids.numel()
         self.token_slots += input_ids.numel()
-        return super().training_step(model, inputs, num_items_in_batch)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self.step_loss_nonfinite = True
+        return loss
 
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
         """Under FSDP, gather the LoRA weights alone and save them from rank 0.
@@ -77,7 +114,9 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
     _check_sft_args(t.sft_args, recipe.source_path or "<recipe>")
     eval_kwargs = {}
     if has_eval and t.eval_steps:
-        eval_kwargs = {"eval_strategy": "steps", "eval_steps": t.eval_steps}
+        # Tracking the best eval loss lets checkpoint rotation keep the best beside the last K.
+        eval_kwargs = {"eval_strategy": "steps", "eval_steps": t.eval_steps, "metric_for_best_model": "eval_loss",
+                       "greater_is_better": False}
     return SFTConfig(
         output_dir=output_dir,
         per_device_train_batch_size=t.per_device_train_batch_size,
