@@ -59,7 +59,8 @@ test-gpu: install
 
 # Benchmarks write bench/results/<date>-<machine>.json and .md (never timed tests).
 bench: install
-	$(BIN)/python -m bench.data_prep_bench
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.data_prep_bench
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.train_bench
 
 lint: install
 	$(BIN)/ruff check .

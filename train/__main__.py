@@ -39,22 +39,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _pick_strategy(args) -> None:
-    from transformers import AutoConfig
-
     from train.config import load_recipe
     from train.launch import gpu_memory_gb, parameter_count, pick_strategy
-    from train.model import resolve_model_path
+    from train.model import load_model_config
 
     recipe = load_recipe(args.recipe)
     memory = args.gpu_memory_gb or gpu_memory_gb()
     if memory is None:
         raise UserError("no GPU visible to read its memory from; pass --gpu-memory-gb (e.g. 24 for a 4090, 80 for H100)")
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_path(recipe.model.name_or_path),
-                                            revision=recipe.model.revision)
-    except OSError as err:
-        raise UserError(f"cannot read the config of '{recipe.model.name_or_path}': {str(err).splitlines()[0]}") from None
-    strategy, why = pick_strategy(parameter_count(config), recipe.model.quantization, args.gpus, memory)
+    params = parameter_count(load_model_config(recipe.model))
+    strategy, why = pick_strategy(params, recipe.model.quantization, args.gpus, memory)
     sys.stderr.write(f"STRATEGY=auto -> {strategy}: {why}\n")
     sys.stdout.write(("ddp" if strategy == "single" else strategy) + "\n")
 

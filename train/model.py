@@ -36,6 +36,17 @@ def _first_line(err: Exception) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
+def load_model_config(model_cfg: ModelConfig):
+    """The base model's config alone (no weights): for size estimates before any heavy work."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(model_cfg.name_or_path), revision=model_cfg.revision,
+                                          trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the config of '{model_cfg.name_or_path}': {_first_line(err)}") from None
+
+
 def load_tokenizer(model_cfg: ModelConfig):
     from transformers import AutoTokenizer
 

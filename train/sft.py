@@ -25,7 +25,14 @@ from train.config import Recipe
 from train.errors import UserError
 from train.launch import check_launch, check_sharding, detect_launch, sharding_in_effect
 from train.logging_utils import get_logger
-from train.model import ADAPTER_DIR, adapter_chain, load_model_for_training, load_tokenizer, peft_lora_config
+from train.model import (
+    ADAPTER_DIR,
+    adapter_chain,
+    load_model_config,
+    load_model_for_training,
+    load_tokenizer,
+    peft_lora_config,
+)
 from train.reliability import (
     NonFiniteGuard,
     PreemptionCallback,
@@ -51,17 +58,7 @@ def _check_output_dir(out: Path) -> None:
 
 
 def _check_disk(recipe: Recipe, out: Path) -> None:
-    from transformers import AutoConfig
-
-    from train.model import resolve_model_path
-
-    try:
-        config = AutoConfig.from_pretrained(resolve_model_path(recipe.model.name_or_path),
-                                            revision=recipe.model.revision)
-    except OSError as err:
-        raise UserError(f"cannot read the config of '{recipe.model.name_or_path}': {str(err).splitlines()[0]}") \
-            from None
-    check_free_disk(out, lora_parameter_estimate(config, recipe.lora))
+    check_free_disk(out, lora_parameter_estimate(load_model_config(recipe.model), recipe.lora))
 
 
 def _check_launcher_precision(recipe: Recipe) -> None:
