@@ -106,20 +106,22 @@ def _run_ours(rows, tiny, tokenizer, max_length, batch_tokens, steps, warmup, ou
     import torch
     from transformers import AutoModelForCausalLM
 
+    import train.attention  # noqa: F401  (registers sdpa_packed)
     from train.config import recipe_from_dict
     from train.model import peft_lora_config
     from train.trainer import StageSFTTrainer, build_sft_config
 
     # Same precision and no activation checkpointing on both sides: only the data path differs.
     recipe = recipe_from_dict({"stage": "bench", "output_dir": out,
-                               "model": {"dtype": "float32", "gradient_checkpointing": False},
+                               "model": {"dtype": "float32", "gradient_checkpointing": False,
+                                         "attn_implementation": "sdpa_packed"},
                                "lora": {"r": 16, "alpha": 16}, "data": {"sources": [
         {"name": "x", "path": "data_prep/samples/kocommercial_sample.jsonl", "schema": "kocommercial"}],
         "max_length": max_length}, "training": {
         "per_device_train_batch_size": max(1, batch_tokens // max_length), "gradient_accumulation_steps": 1,
         "max_steps": steps, "logging_steps": 1000, "save_steps": 100000, "report_to": ["none"]}})
     ds = datasets.Dataset.from_list(rows)
-    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, attn_implementation="sdpa_packed")
     timer = _Timer(warmup)
     trainer = StageSFTTrainer(model=model, args=build_sft_config(recipe, out, False), train_dataset=ds,
                               processing_class=tokenizer, peft_config=peft_lora_config(recipe.lora),
@@ -210,13 +212,18 @@ def ce_memory(path: str) -> dict:
         loss = model(input_ids=ids, labels=labels, use_cache=False).loss
     else:  # TRL's loss path, as SFTTrainer.compute_loss calls it
         import datasets
+        from transformers import AutoTokenizer
         from trl import SFTConfig, SFTTrainer
+
+        from train.tiny import ensure_tiny_model
 
         trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="/tmp/ce-bench", use_cpu=True, report_to=[],
                                                          max_length=seq),
-                             train_dataset=datasets.Dataset.from_dict({"input_ids": [[1, 2]]}))
+                             train_dataset=datasets.Dataset.from_dict({"input_ids": [[1, 2]]}),
+                             processing_class=AutoTokenizer.from_pretrained(ensure_tiny_model()))
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        loss = trainer.compute_loss(trainer.model, {"input_ids": ids, "labels": labels})
+        loss = trainer.compute_loss(trainer.model, {"input_ids": ids, "labels": labels,
+                                                    "position_ids": torch.arange(seq)[None]})
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"path": path, "seq_tokens": seq, "vocab": 152064, "loss": round(float(loss), 3),
@@ -250,7 +257,7 @@ def main() -> None:
             rates.append(throughput(kind, args.rounds, tmp))
     write_results("train_throughput", rates, (
         "Effective (non-pad) tokens/s of a LoRA training step on the tiny Qwen2 model (fp32, CPU, 1 thread): ours = "
-        "TRL SFTTrainer with padding-free packing to 1024 tokens, 2 packs per step; baseline = plain "
+        "TRL SFTTrainer with padding-free packing to 1024 tokens, 2 packs per step, sdpa_packed attention; baseline = plain "
         "Transformers Trainer + PEFT, DataCollatorForSeq2Seq padding to the longest row, the same rows per step "
         "on average. Same 600 synthetic rows per distribution (max 1024 tokens), 8 steps per run of which 2 "
         "warm-up, runs alternated, median over rounds."))

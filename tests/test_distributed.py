@@ -120,3 +120,58 @@ def test_fsdp_without_gpu_or_shim_is_refused(reference, tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "asked for fsdp but accelerate set up ddp" in proc.stderr
+
+
+def _worker_pids(launcher_pid: int) -> dict[int, int]:
+    """{rank: pid} of the training processes below an `accelerate launch`."""
+    found = {}
+    pending = [launcher_pid]
+    while pending:
+        parent = pending.pop()
+        children = subprocess.run(["pgrep", "-P", str(parent)], capture_output=True, text=True).stdout.split()
+        for pid in map(int, children):
+            pending.append(pid)
+            try:
+                env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            rank = [e for e in env if e.startswith(b"RANK=")]
+            if rank and b"train" in Path(f"/proc/{pid}/cmdline").read_bytes():
+                found[int(rank[0].split(b"=")[1])] = pid
+    return found
+
+
+def test_preemption_of_one_rank_stops_all_ranks_at_the_same_step(reference):
+    import signal
+    import time
+
+    root, data = reference
+    out = root / "ddp-preempted"
+    args = [RECIPE, *COMMON, "training.max_steps=12", "training.save_steps=100", f"data.processed_dir={data}",
+            f"output_dir={out}", "training.per_device_train_batch_size=1"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                             "accelerate_configs/ddp.yaml", "--num_processes", "2", "--main_process_port",
+                             str(_free_port()), "-m", "train", "sft", *args], cwd=REPO, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and losses(out)):
+        time.sleep(0.05)
+    workers = _worker_pids(proc.pid)
+    assert set(workers) == {0, 1}
+    os.kill(workers[1], signal.SIGTERM)  # only rank 1 is told
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    step = int(stderr.split("preempted at step ")[1].split(";")[0])
+    assert step < 12 and (out / f"checkpoint-{step}" / "checkpoint.json").is_file()
+    assert not (out / "adapter").exists()  # rank 0 stopped too: nobody finished the stage
+    resumed = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                              "accelerate_configs/ddp.yaml", "--num_processes", "2", "--main_process_port",
+                              str(_free_port()), "-m", "train", "sft", *args,
+                              "training.resume_from_checkpoint=auto"], cwd=REPO, env=env, capture_output=True,
+                             text=True, timeout=900)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = root / "ddp-12"
+    run(full, data, "ddp", 1, ["training.max_steps=12", "training.save_steps=100"])
+    assert max_adapter_diff(full, out) < 1e-4
+    assert max(abs(a - b) for a, b in zip(losses(full), losses(out), strict=True)) < 1e-4

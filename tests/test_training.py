@@ -44,14 +44,15 @@ def _summed_loss(model, batches) -> tuple[float, int]:
     return total, count
 
 
-def test_packed_equals_unpacked_and_sequences_do_not_attend_to_each_other(stage1_dict, tiny_dir, tmp_path):
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_packed"])
+def test_packed_equals_unpacked_and_sequences_do_not_attend_to_each_other(stage1_dict, tiny_dir, tmp_path, attention):
     from transformers import AutoModelForCausalLM
 
     recipe = make_recipe(stage1_dict)
     tokenizer = load_tokenizer(recipe.model)
     train, _, _ = load_processed(recipe, tokenizer, allow_build=True)
     examples = train.select(range(12))
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation="sdpa").eval()
+    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation=attention).eval()
     results = {}
     for packing in (True, False):
         r = make_recipe(stage1_dict, [f"training.packing={packing}", "data.max_length=512"])

@@ -51,8 +51,10 @@ class ModelConfig:
         default="uint8",
         metadata={"help": "Storage dtype of 4-bit weights; FSDP needs it equal to `dtype` to shard them."},
     )
-    attn_implementation: Literal["sdpa", "eager", "flash_attention_2", "flash_attention_3"] = field(
-        default="sdpa", metadata={"help": "Attention kernel. flash_attention_* need a GPU and flash-attn."}
+    attn_implementation: Literal["sdpa_packed", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = field(
+        default="sdpa_packed",
+        metadata={"help": "Attention kernel. 'sdpa_packed' = PyTorch SDPA per packed sequence (train/attention.py; "
+                          "runs anywhere); flash_attention_* need a GPU and flash-attn."},
     )
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations to save memory."})
     use_liger: bool = field(

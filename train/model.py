@@ -14,6 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
+import train.attention  # noqa: F401  (registers the sdpa_packed attention)
 from train.config import TINY_MODEL, LoraConfig, ModelConfig, Recipe
 from train.errors import UserError
 from train.logging_utils import get_logger
