@@ -13,9 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
-import re
 import time
-import unicodedata
 from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
@@ -66,10 +64,6 @@ def fingerprint(recipe: Recipe, tokenizer) -> str:
     return h.hexdigest()[:16]
 
 
-def _normalized(text: str) -> str:
-    return re.sub(r"\s+", " ", unicodedata.normalize("NFC", text)).strip().lower()
-
-
 def _apply_length_policy(rendered: list[Rendered], records: list[Record], recipe: Recipe, rejects: list[Reject]):
     max_len, policy = recipe.data.max_length, recipe.data.length_policy
     kept, counts = [], Counter()
@@ -106,7 +100,7 @@ def _deduplicate(kept: list, data) -> tuple[list, list[Reject]]:
     if data.dedup.exact:
         seen, unique = set(), []
         for r, rec in kept:
-            key = hashlib.sha256(_normalized(r.prompt + "\x00" + r.completion).encode()).hexdigest()
+            key = hashlib.sha256(dedup.normalize(r.prompt + "\x00" + r.completion).encode()).hexdigest()
             if key in seen:
                 removed.append(Reject(rec.source, rec.row_id, "duplicate", "exact duplicate (normalized text)"))
                 continue

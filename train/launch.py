@@ -75,16 +75,22 @@ def gradient_accumulation(recipe: Recipe, launch: Launch) -> int:
 # STRATEGY=auto
 
 
-def parameter_count(config) -> tuple[int, int]:
-    """(decoder-layer parameters, embedding + head parameters) of a decoder-only model, from its config."""
-    h, layers, vocab = config.hidden_size, config.num_hidden_layers, config.vocab_size
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each decoder linear layer of a Qwen2/Llama-style config."""
+    h, inter = config.hidden_size, config.intermediate_size
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
-    head_dim = getattr(config, "head_dim", None) or h // heads
-    attn = h * heads * head_dim * 2 + h * kv * head_dim * 2
-    mlp = 3 * h * config.intermediate_size
-    embed = vocab * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
-    return layers * (attn + mlp + 2 * h), embed + h
+    hd = getattr(config, "head_dim", None) or h // heads
+    return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def parameter_count(config) -> tuple[int, int]:
+    """(decoder-layer parameters, embedding + head parameters) of a decoder-only model, from its config."""
+    h = config.hidden_size
+    per_layer = sum(i * o for i, o in linear_shapes(config).values()) + 2 * h
+    embed = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return config.num_hidden_layers * per_layer, embed + h
 
 
 def pick_strategy(params: tuple[int, int], quantization: str, gpus: int, gpu_memory_gb: float) -> tuple[str, str]:

@@ -190,13 +190,9 @@ def guard_optimizer_step(trainer, optimizer) -> None:
 
 
 def lora_parameter_estimate(config, lora) -> int:
-    h, inter = config.hidden_size, config.intermediate_size
-    heads = config.num_attention_heads
-    kv = getattr(config, "num_key_value_heads", None) or heads
-    hd = getattr(config, "head_dim", None) or h // heads
-    shapes = {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
-    per_layer = sum(lora.r * (i + o) for name, (i, o) in shapes.items() if name in lora.target_modules)
+    from train.launch import linear_shapes
+
+    per_layer = sum(lora.r * (i + o) for name, (i, o) in linear_shapes(config).items() if name in lora.target_modules)
     return per_layer * config.num_hidden_layers
 
 
