@@ -55,12 +55,20 @@ def uninterrupted(tmp_path_factory):
     return root, data
 
 
-def test_exact_resume_in_a_new_process(uninterrupted):
+@pytest.fixture(scope="module")
+def stopped(uninterrupted):
+    """A run stopped after step 3 of 8: its checkpoint-3 is a real, complete checkpoint."""
     root, data = uninterrupted
     out = root / "stopped"
     first = sft(out, data, "training.stop_at_step=3")
     assert first.returncode == 0 and "stopped (training.stop_at_step) at step 3" in first.stderr
     assert (out / "checkpoint-3" / "checkpoint.json").is_file() and not (out / "adapter").exists()
+    return out
+
+
+def test_exact_resume_in_a_new_process(uninterrupted, stopped):
+    root, data = uninterrupted
+    out = stopped
     second = sft(out, data, "training.resume_from_checkpoint=auto")
     assert second.returncode == 0, second.stderr[-2000:]
     assert step_losses(out) == step_losses(root / "full")  # identical, steps 1-8 (accumulation 2)
@@ -87,9 +95,8 @@ def test_preemption_saves_exits_0_and_resumes_to_the_same_result(uninterrupted):
     assert step_losses(out) == step_losses(root / "full")
 
 
-def test_interrupted_or_truncated_checkpoints_are_never_chosen(uninterrupted, tmp_path):
-    root, _ = uninterrupted
-    source = root / "stopped" / "checkpoint-3"  # a real, complete checkpoint
+def test_interrupted_or_truncated_checkpoints_are_never_chosen(stopped, tmp_path):
+    source = stopped / "checkpoint-3"  # a real, complete checkpoint
     assert checkpoint_problem(source) is None
     for step in (2, 4, 6):
         shutil.copytree(source, tmp_path / f"checkpoint-{step}")
@@ -188,9 +195,9 @@ def test_tokens_never_reach_logs_or_saved_files(uninterrupted, tmp_path):
     assert not leaked
 
 
-def test_weights_are_safetensors_and_torch_load_is_safe(uninterrupted):
+def test_weights_are_safetensors_and_torch_load_is_safe(uninterrupted, stopped):
     root, _ = uninterrupted
-    for folder in (root / "full" / "adapter", root / "stopped" / "checkpoint-3"):
+    for folder in (root / "full" / "adapter", stopped / "checkpoint-3"):
         assert (folder / "adapter_model.safetensors").is_file()
         assert not list(folder.glob("*.bin")) or {p.name for p in folder.glob("*.bin")} == {"training_args.bin"}
     for source in list((REPO / "train").rglob("*.py")) + list((REPO / "data_prep").rglob("*.py")):
