@@ -68,3 +68,11 @@ def test_valid_combinations_pass_and_global_batch_sets_accumulation(stage1_dict)
         check_launch(recipe, launch)
     assert gradient_accumulation(recipe, Launch("fsdp", 8)) == 4
     assert gradient_accumulation(recipe, Launch("single", 1)) == 32
+
+
+def test_launcher_precision_must_match_the_recipe(stage1_dict, monkeypatch):
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")  # recipe says float32
+    with pytest.raises(UserError, match="the launcher asks for mixed_precision=bf16 but the recipe's model.dtype"):
+        check_launch(make_recipe(stage1_dict), Launch("ddp", 2))
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    check_launch(make_recipe(stage1_dict), Launch("ddp", 2))

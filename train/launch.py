@@ -43,6 +43,15 @@ def detect_launch() -> Launch:
 def check_launch(recipe: Recipe, launch: Launch) -> None:
     """Combinations that cannot work fail here, at start-up, with the fix."""
     model, training = recipe.model, recipe.training
+    # `accelerate launch --mixed_precision` (or a config's mixed_precision) must agree with the recipe.
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(model.dtype, "no")
+    if launched not in ("no", wanted):
+        raise UserError(
+            f"the launcher asks for mixed_precision={launched} but the recipe's model.dtype is {model.dtype}; "
+            f"precision comes from the recipe: drop --mixed_precision / set mixed_precision: 'no' in the accelerate "
+            f"config, or set model.dtype accordingly"
+        )
     if recipe.backend == "unsloth" and launch.world_size > 1:
         raise UserError(f"backend 'unsloth' runs on one GPU only, but {launch.world_size} processes were launched; "
                         "launch one process, or use backend: transformers with DDP/FSDP/ZeRO")

@@ -61,18 +61,6 @@ def _check_disk(recipe: Recipe, out: Path) -> None:
     check_free_disk(out, lora_parameter_estimate(load_model_config(recipe.model), recipe.lora))
 
 
-def _check_launcher_precision(recipe: Recipe) -> None:
-    """`accelerate launch --mixed_precision` (or a config's mixed_precision) must agree with the recipe."""
-    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
-    wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(recipe.model.dtype, "no")
-    if launched not in ("no", wanted):
-        raise UserError(
-            f"the launcher asks for mixed_precision={launched} but the recipe's model.dtype is {recipe.model.dtype}; "
-            f"precision comes from the recipe: drop --mixed_precision / set mixed_precision: 'no' in the accelerate "
-            f"config, or set model.dtype accordingly"
-        )
-
-
 def _resume_point(recipe: Recipe, out: Path) -> str | None:
     wanted = recipe.training.resume_from_checkpoint
     if wanted is None:
@@ -120,7 +108,6 @@ def run_sft(recipe: Recipe) -> dict:
     _check_output_dir(out)
     if recipe.backend != "transformers":
         raise UserError(f"backend '{recipe.backend}' is not available in this version; use backend: transformers")
-    _check_launcher_precision(recipe)
     launch = detect_launch()
     check_launch(recipe, launch)
     resume = _resume_point(recipe, out)
