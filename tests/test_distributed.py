@@ -46,10 +46,6 @@ def run(out: Path, data: Path, strategy: str | None, batch: int, extra: list[str
         if strategy == "fsdp":
             env.update(FSDP_CPU_SHIM="1", PYTHONPATH=str(REPO / "tests" / "fsdp_cpu_shim"))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0 and strategy is not None and "address already in use" in proc.stderr.lower():
-        # _free_port releases the port before the launcher binds it; another process may take it between.
-        cmd[cmd.index("--main_process_port") + 1] = str(_free_port())
-        proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((out / "stage.json").read_text())
 

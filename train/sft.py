@@ -50,7 +50,7 @@ log = get_logger("sft")
 def _check_output_dir(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".write_probe"
+        probe = out / f".write_probe.{os.getpid()}"  # one per process: ranks share the folder
         probe.write_text("ok")
         probe.unlink()
     except OSError as err:
