@@ -18,7 +18,7 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS ?=
 
-.PHONY: install demo demo-fast test test-slow test-dist test-gpu test-all lint constraints bench \
+.PHONY: install install-export merge export demo demo-fast test test-slow test-dist test-gpu test-all lint constraints bench \
         data-stage1 data-stage2 train-stage1 train-stage2 train clean
 
 install: $(VENV)/.installed
@@ -38,17 +38,49 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	$(BIN)/python -c "import torch, transformers, trl, peft; print('installed torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__)"
 	touch $@
 
-demo: install
+# GGUF export: llama.cpp's converter comes from the pinned llama-cpp-python sdist (unpacked into
+# .cache/llama.cpp-<version>); the package itself is built once for this CPU into .cache/wheels
+# (~6 min on 2 cores), then reinstalled from there.
+LLAMA_CPP_PYTHON := 0.3.36
+LLAMA_SDIST := .cache/dl/llama_cpp_python-$(LLAMA_CPP_PYTHON).tar.gz
+LLAMA_CPP_DIR := .cache/llama.cpp-$(LLAMA_CPP_PYTHON)
+install-export: $(VENV)/.installed-export
+
+$(VENV)/.installed-export: $(VENV)/.installed
+	mkdir -p .cache/dl .cache/wheels
+	test -f $(LLAMA_SDIST) || $(BIN)/pip download -q --no-deps --no-binary :all: "llama-cpp-python==$(LLAMA_CPP_PYTHON)" -d .cache/dl
+	test -f $(LLAMA_CPP_DIR)/convert_hf_to_gguf.py || { \
+	  rm -rf .cache/dl/llama_cpp_python-$(LLAMA_CPP_PYTHON) $(LLAMA_CPP_DIR) && \
+	  tar xzf $(LLAMA_SDIST) -C .cache/dl $(addprefix llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp/,convert_hf_to_gguf.py conversion gguf-py LICENSE) && \
+	  mv .cache/dl/llama_cpp_python-$(LLAMA_CPP_PYTHON)/vendor/llama.cpp $(LLAMA_CPP_DIR); }
+	ls .cache/wheels/llama_cpp_python-$(LLAMA_CPP_PYTHON)-*.whl >/dev/null 2>&1 || \
+	  CMAKE_ARGS="-DLLAVA_BUILD=OFF -DGGML_NATIVE=OFF" $(BIN)/pip wheel -q --no-deps $(LLAMA_SDIST) -w .cache/wheels
+	$(BIN)/pip install -q -c constraints.txt --find-links .cache/wheels -e ".[dev,export]"
+	$(BIN)/python -c "import llama_cpp, gguf; print('installed llama-cpp-python', llama_cpp.__version__, '| converter in $(LLAMA_CPP_DIR)')"
+	touch $@
+
+# make merge STAGE=outputs/demo/stage2_korean [OUT=...] [ARGS="--dequantize"]
+merge: install
+	@test -n "$(STAGE)" || { echo "error: set STAGE=path/to/stage_dir"; exit 2; }
+	$(BIN)/python -m train merge $(STAGE) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+# make export MERGED=outputs/demo/stage2_korean/merged [QUANT=f16,q8_0,q4_k_m] [OUT=...]
+QUANT ?= f16,q8_0,q4_k_m
+export: install-export
+	@test -n "$(MERGED)" || { echo "error: set MERGED=path/to/merged_model (from make merge)"; exit 2; }
+	$(BIN)/python -m train export $(MERGED) --gguf $(QUANT) $(if $(OUT),--out $(OUT)) $(ARGS)
+
+demo: install-export
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(NPROC)} TOKENIZERS_PARALLELISM=false $(BIN)/python -m train demo
 
-demo-fast: install
+demo-fast: install-export
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(NPROC)} $(BIN)/python -m train demo --fast --out outputs/demo-fast
 
 # Default suite: CPU tests including the multi-process (dist) ones; slow and gpu have their own targets.
-test: install
+test: install-export
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
-test-slow: install
+test-slow: install-export
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow
 
 test-dist: install

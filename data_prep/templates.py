@@ -68,6 +68,30 @@ def render_prompt(question: str, system: str, template: str, tokenizer) -> str:
     raise UserError(f"unknown template '{template}' (use reasoning or chat)")
 
 
+def reasoning_chat_template(default_system: str) -> str:
+    """A Jinja chat template that renders exactly what the `reasoning` template trains on.
+
+    Written here because no tokenizer ships one: a merged or GGUF model of a reasoning-template
+    stage must be prompted the way it was trained, and chat front ends (llama.cpp, Ollama,
+    transformers pipelines) read the tokenizer's chat template. A conversation of one question
+    renders to `render_prompt(question, system, "reasoning", tokenizer)`; each assistant turn is
+    its content followed by EOS, as in training; later questions repeat the Question/Response pair.
+    """
+    system = default_system.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
+    return (
+        "{%- set ns = namespace(system='" + system + "') -%}"
+        "{%- for m in messages if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}{%- endfor -%}"
+        "{{- bos_token if bos_token else '' -}}"
+        "{{- '### Instruction:\\n' + ns.system + '\\n\\n' -}}"
+        "{%- for m in messages -%}"
+        "{%- if m['role'] == 'user' -%}{{- '### Question:\\n' + m['content'] + '\\n\\n### Response:\\n' -}}"
+        "{%- elif m['role'] == 'assistant' -%}{{- m['content'] + eos_token -}}"
+        "{%- if not loop.last -%}{{- '\\n\\n' -}}{%- endif -%}"
+        "{%- endif -%}"
+        "{%- endfor -%}"
+    )
+
+
 def render_completion(record: Record, prompt: str, empty_think: bool) -> str:
     if record.reasoning is not None:
         body = f"{THINK_OPEN}\n{record.reasoning}\n{THINK_CLOSE}\n{record.answer}"

@@ -2,6 +2,8 @@
 
     python -m train sft RECIPE [section.key=value ...]     train one stage
     python -m train generate STAGE_DIR --prompt TEXT       generate from a trained stage
+    python -m train merge STAGE_DIR [--out DIR]            LoRA chain -> merged 16-bit safetensors, parity-checked
+    python -m train export MERGED_DIR --gguf f16,q4_k_m    GGUF via llama.cpp, parity-checked
     python -m train demo [--fast]                          the whole pipeline on the embedded tiny model
     python -m train build-tiny                             build (or find) the embedded tiny model
     python -m train pick-strategy RECIPE --gpus N          STRATEGY=auto: which accelerate config to use
@@ -10,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 
@@ -27,6 +30,22 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("stage_dir")
     gen.add_argument("--prompt", action="append", required=True, help="a question (repeatable)")
     gen.add_argument("--max-new-tokens", type=int, default=128)
+    merge = sub.add_parser("merge", help="merge a stage's LoRA chain into 16-bit safetensors")
+    merge.add_argument("stage_dir")
+    merge.add_argument("--out", help="output folder (default STAGE_DIR/merged)")
+    merge.add_argument("--adapter", help="another adapter of this stage, e.g. STAGE_DIR/checkpoint-400")
+    merge.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
+    merge.add_argument("--dequantize", action="store_true",
+                       help="merge into the 4-bit weights training saw, dequantized, instead of the original 16-bit")
+    merge.add_argument("--max-shard-size", default="5GB")
+    merge.add_argument("--license", dest="license_id", help="model card license (default: the base model's)")
+    merge.add_argument("--push-to-hub", metavar="REPO", help="upload the merged folder (token from HF_TOKEN)")
+    export = sub.add_parser("export", help="GGUF files from a merged model, via llama.cpp")
+    export.add_argument("merged_dir")
+    export.add_argument("--gguf", default="f16,q4_k_m", help="comma list of f16, bf16, f32, q8_0, q6_k, q5_k_m, q4_k_m")
+    export.add_argument("--out", help="output folder (default MERGED_DIR/gguf)")
+    export.add_argument("--llama-cpp", help="a llama.cpp checkout to use instead of the bundled converter")
+    export.add_argument("--push-to-hub", metavar="REPO", help="upload the GGUF files and card (token from HF_TOKEN)")
     demo = sub.add_parser("demo", help="whole pipeline on the embedded tiny model")
     demo.add_argument("--fast", action="store_true", help="few steps: checks the plumbing, not the learning")
     demo.add_argument("--out", default="outputs/demo", help="where the demo writes its stages and summary")
@@ -67,6 +86,36 @@ def main(argv: list[str] | None = None) -> None:
 
         for prompt, text in zip(args.prompt, generate(args.stage_dir, args.prompt, args.max_new_tokens), strict=True):
             sys.stdout.write(f"### {prompt}\n{text}\n\n")
+    elif args.command == "merge":
+        from train.merge import merge_stage
+
+        out = args.out or os.path.join(args.stage_dir, "merged")
+        if args.push_to_hub:
+            from train.hub import hub_token
+
+            hub_token()  # a missing token fails now, not after a long merge
+        report = merge_stage(args.stage_dir, out, adapter=args.adapter, dtype=args.dtype, dequantize=args.dequantize,
+                             max_shard_size=args.max_shard_size, license_id=args.license_id)
+        sys.stdout.write(json.dumps({k: report[k] for k in ("merged_vs_base_plus_adapter", "adapter_effect")},
+                                    indent=2) + f"\nmerged model: {out}\n")
+        if args.push_to_hub:
+            from train.hub import push_folder
+
+            push_folder(out, args.push_to_hub)
+    elif args.command == "export":
+        from train.export import export_gguf, format_export
+
+        types = [t.strip().lower() for t in args.gguf.split(",") if t.strip()]
+        if args.push_to_hub:
+            from train.hub import hub_token
+
+            hub_token()
+        report = export_gguf(args.merged_dir, types, out=args.out, llama_cpp_dir=args.llama_cpp)
+        sys.stdout.write(format_export(report))
+        if args.push_to_hub:
+            from train.hub import push_folder
+
+            push_folder(report["out"], args.push_to_hub, allow_patterns=["*.gguf", "README.md", "export_report.json"])
     elif args.command == "demo":
         from train.demo import format_report, run_demo
 

@@ -4,8 +4,8 @@
     python -m train demo --fast     # a few steps per stage: plumbing only (used by the test suite)
 
 data prep (stage 1 and 2) -> stage 1 SFT (medical <think> reasoning) -> stage 2 SFT continuing from
-stage 1 (Korean instructions + AI Hub Korean-English pairs) -> generation from the final model.
-Writes `<out>/summary.json` and prints a summary table.
+stage 1 (Korean instructions + AI Hub Korean-English pairs) -> generation from the final model ->
+merge into 16-bit safetensors -> q4_k_m GGUF through llama.cpp, both parity-checked. Writes `<out>/summary.json` and prints a summary table.
 """
 
 from __future__ import annotations
@@ -48,6 +48,25 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def merge_and_export(stage_dir: Path, merged_dir: Path) -> tuple[dict, dict]:
+    """The final stage merged (bf16) and exported to q4_k_m; the parity figures for summary.json."""
+    from train.export import export_gguf
+    from train.merge import merge_stage
+
+    # The embedded model is this project's own work, under its license.
+    merge = merge_stage(stage_dir, merged_dir, license_id="apache-2.0")
+    export = export_gguf(merged_dir, ["q4_k_m"])
+    merge_summary = {"out": str(merged_dir), "dtype": merge["dtype"],
+                     "merged_vs_base_plus_adapter": merge["merged_vs_base_plus_adapter"],
+                     "adapter_effect_max_abs_diff": merge["adapter_effect"]["max_abs_diff"]}
+    gguf_summary = {"out": export["out"], "files": {
+        name: {key: entry[key] for key in ("type", "bytes", "tensor_types", "fallback_tensors", "tokenization_identical",
+                                           "vs_transformers_same_file", "vs_merged", "within_tolerance")}
+        | {"chat_stops_at_eos": entry["chat"]["stops_at_eos"] if entry["chat"] else None}
+        for name, entry in export["files"].items()}}
+    return merge_summary, gguf_summary
+
+
 def run_demo(out: str | Path = "outputs/demo", fast: bool = False) -> dict:
     from train.generate import generate
     from train.sft import run_sft
@@ -68,6 +87,7 @@ def run_demo(out: str | Path = "outputs/demo", fast: bool = False) -> dict:
     completions = generate(final, DEMO_PROMPTS, max_new_tokens=48 if fast else 160)
     summary["generation"] = {"stage": str(final), "samples": [
         {"prompt": p, "completion": c} for p, c in zip(DEMO_PROMPTS, completions, strict=True)]}
+    summary["merge"], summary["gguf"] = merge_and_export(final, out / "merged")
     summary["seconds_total"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
 
@@ -75,7 +95,22 @@ def run_demo(out: str | Path = "outputs/demo", fast: bool = False) -> dict:
     return summary
 
 
+def format_export_lines(summary: dict) -> str:
+    merge = summary["merge"]
+    lines = [f"merged ({merge['dtype']}) in {merge['out']}: max logit diff vs base+adapter "
+             f"{merge['merged_vs_base_plus_adapter']['max_abs_diff']:.4f} "
+             f"({100 * merge['merged_vs_base_plus_adapter']['relative_diff']:.2f}% of the largest logit)"]
+    for name, f in summary["gguf"]["files"].items():
+        same = f["vs_transformers_same_file"]
+        lines.append(f"{name}: {f['bytes'] / 1e6:.2f} MB {f['tensor_types']}; llama.cpp vs transformers on the same "
+                     f"file max diff {same['max_abs_diff']:.4f}, argmax agreement {same['argmax_agreement']:.3f}; "
+                     f"vs merged {f['vs_merged']['max_abs_diff']:.3f}; tokenization identical "
+                     f"{f['tokenization_identical']}; chat stops at EOS {f['chat_stops_at_eos']}")
+    return "\n".join(lines)
+
+
 def format_report(summary: dict) -> str:
     samples = "\n\n".join(f">>> {s['prompt']}\n{s['completion']}" for s in summary["generation"]["samples"])
     return (f"\ndemo ({summary['mode']}) finished in {summary['seconds_total']}s\n\n{format_table(summary)}\n\n"
-            f"generation from {summary['generation']['stage']}:\n{samples}\n\nsummary: {summary['summary_path']}\n")
+            f"generation from {summary['generation']['stage']}:\n{samples}\n\n{format_export_lines(summary)}\n\n"
+            f"summary: {summary['summary_path']}\n")
