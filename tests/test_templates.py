@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 
 from data_prep.schemas import Record
@@ -69,3 +71,20 @@ def test_trl_keeps_our_tokens_and_mask(tokenizer, tiny_dir, tmp_path):
     row = trainer.train_dataset[0]
     assert row["input_ids"] == r.input_ids
     assert row["labels"] == labels_of(r)
+
+
+def test_reasoning_chat_template_renders_the_training_prompt(tokenizer):
+    from data_prep.templates import reasoning_chat_template, render_prompt
+
+    system = "You are a medical expert.\nAnswer in 'Korean' \\ English."  # newline, quotes, backslash survive
+    tok = copy.deepcopy(tokenizer)
+    tok.chat_template = reasoning_chat_template(system)
+    one = tok.apply_chat_template([{"role": "user", "content": "흉통의 원인은?"}], tokenize=False,
+                                  add_generation_prompt=True)
+    assert one == render_prompt("흉통의 원인은?", system, "reasoning", tok)
+    # A system message replaces the recipe's; an assistant turn ends with EOS as in training.
+    turns = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+             {"role": "assistant", "content": "<think>\nx\n</think>\nA1"}, {"role": "user", "content": "Q2"}]
+    text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    assert text == (render_prompt("Q1", "S", "reasoning", tok) + "<think>\nx\n</think>\nA1" + tok.eos_token
+                    + "\n\n### Question:\nQ2\n\n### Response:\n")

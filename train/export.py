@@ -45,9 +45,9 @@ FLOAT_TYPES = {"f16": "f16", "bf16": "bf16", "f32": "f32"}
 # name -> (llama_cpp ftype constant, 2-D tensor types a complete quantization writes)
 QUANT_TYPES = {
     "q8_0": ("LLAMA_FTYPE_MOSTLY_Q8_0", {"Q8_0"}),
-    "q6_k": ("LLAMA_FTYPE_MOSTLY_Q6_K", {"Q6_K", "Q8_0"}),
-    "q5_k_m": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", {"Q5_K", "Q6_K", "Q8_0"}),
-    "q4_k_m": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", {"Q4_K", "Q6_K", "Q8_0"}),
+    "q6_k": ("LLAMA_FTYPE_MOSTLY_Q6_K", {"Q6_K"}),
+    "q5_k_m": ("LLAMA_FTYPE_MOSTLY_Q5_K_M", {"Q5_K", "Q6_K"}),
+    "q4_k_m": ("LLAMA_FTYPE_MOSTLY_Q4_K_M", {"Q4_K", "Q6_K"}),
 }
 # Max |logit difference| as a fraction of the largest |logit|, and the least argmax agreement.
 TOLERANCE = {"float": (0.01, 0.95), "quant_same_file": (0.05, 0.90)}

@@ -32,7 +32,8 @@ def push_folder(folder: str | Path, repo_id: str, allow_patterns: list[str] | No
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
 
-    api = HfApi(token=hub_token())
+    # The endpoint is read here, not at import: huggingface_hub fixes its default when first imported.
+    api = HfApi(token=hub_token(), endpoint=os.environ.get("HF_ENDPOINT") or None)
     try:
         api.create_repo(repo_id, exist_ok=True, private=private)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=allow_patterns,
