@@ -100,6 +100,9 @@ def to_record(row: RawRow, source: SourceConfig, seed: int) -> Record:
     reasoning = _check_think(_text(cells, mapping["reasoning"], required=False), mapping["reasoning"]) \
         if "reasoning" in mapping else None
     system = _text(cells, mapping["system"], required=False) if "system" in mapping else None
+    if "context" in mapping:  # context QA: the passage comes first, as `train eval` renders {context}{question}
+        context = _text(cells, mapping["context"])
+        question = f"{context}\n\n{question}"
     return Record(source.name, row.row_id, question, answer, reasoning, system)
 
 

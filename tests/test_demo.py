@@ -26,6 +26,11 @@ def test_demo_fast_end_to_end(tmp_path):
     assert saved["stages"]["stage2_korean"]["parent"] == str(tmp_path / "stage1_medical")
     samples = saved["generation"]["samples"]
     assert len(samples) == 2 and all(isinstance(s["completion"], str) for s in samples)
+    evaluation = saved["eval"]["members"]
+    assert {"stage1_medical | greedy", "stage2_korean | beam3"} <= set(evaluation)
+    assert evaluation["stage2_korean | beam3"]["examples"] == 4 and "vote_over_candidates" in evaluation[
+        "stage2_korean | beam3"]
+    assert saved["eval"]["ensemble"]["members"] == 4
     merge = saved["merge"]
     assert merge["merged_vs_base_plus_adapter"]["relative_diff"] <= 0.02 and merge["adapter_effect_max_abs_diff"] > 0
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "README.md").is_file()
@@ -34,4 +39,4 @@ def test_demo_fast_end_to_end(tmp_path):
     assert gguf["tokenization_identical"] and gguf["within_tolerance"] and gguf["fallback_tensors"] == {}
     assert gguf["tensor_types"]["Q4_K"] > 0
     report = format_report(summary)
-    assert "stage1_medical" in report and "pad eff" in report and "q4_k_m" in report
+    assert "stage1_medical" in report and "pad eff" in report and "q4_k_m" in report and "ensemble vote" in report

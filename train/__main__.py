@@ -1,7 +1,8 @@
 """Command line of the trainer.
 
     python -m train sft RECIPE [section.key=value ...]     train one stage
-    python -m train generate STAGE_DIR --prompt TEXT       generate from a trained stage
+    python -m train generate TARGET --prompt TEXT          generate from a stage, a merged model or a GGUF file
+    python -m train eval RECIPE_OR_TARGET... --data F      decode, clean, score (EM/F1/accuracy), vote, pick checkpoints
     python -m train merge STAGE_DIR [--out DIR]            LoRA chain -> merged 16-bit safetensors, parity-checked
     python -m train export MERGED_DIR --gguf f16,q4_k_m    GGUF via llama.cpp, parity-checked
     python -m train demo [--fast]                          the whole pipeline on the embedded tiny model
@@ -15,6 +16,7 @@ import argparse
 import json
 import os
 import sys
+from pathlib import Path
 
 from train.errors import UserError, cli_guard
 
@@ -26,14 +28,33 @@ def _parser() -> argparse.ArgumentParser:
     sft = sub.add_parser("sft", help="supervised fine-tuning of one stage")
     sft.add_argument("recipe", help="recipe YAML, e.g. recipes/stage1_medical.yaml")
     sft.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=20")
-    gen = sub.add_parser("generate", help="generate from a trained stage")
-    gen.add_argument("stage_dir")
-    gen.add_argument("--prompt", action="append", required=True, help="a question (repeatable)")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
+    gen = sub.add_parser("generate", help="generate from a stage folder, a merged model folder or a .gguf file")
+    gen.add_argument("target")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", action="append", help="a question (repeatable)")
+    source.add_argument("--input", help="jsonl with a 'question' (or 'prompt') per row")
+    gen.add_argument("--out", help="write jsonl here (default: print)")
+    gen.add_argument("--batch-size", type=int, default=8)
+    for flag, kind, default in (("--max-new-tokens", int, 256), ("--num-beams", int, 1), ("--top-k", int, 0),
+                                ("--top-p", float, 1.0), ("--temperature", float, 1.0),
+                                ("--repetition-penalty", float, 1.0), ("--length-penalty", float, 1.0),
+                                ("--num-return-sequences", int, 1), ("--seed", int, 0)):
+        gen.add_argument(flag, type=kind, default=default)
+    gen.add_argument("--do-sample", action="store_true")
+    ev = sub.add_parser("eval", help="task evaluation: decodings, clean-up, metrics, voting, best checkpoint")
+    ev.add_argument("targets", nargs="+", help="a recipe YAML or stage folder, merged folders, .gguf files")
+    ev.add_argument("--data", help="eval jsonl (default: the recipe's eval.data)")
+    ev.add_argument("--out", help="output folder (default: FIRST_TARGET/eval, or outputs/eval for a file)")
+    ev.add_argument("--decoding", action="append", help="NAME[:key=value,...], repeatable (a sweep); "
+                    "e.g. greedy, beam3:num_beams=3, sc:do_sample=true,top_p=0.9,num_return_sequences=5")
+    ev.add_argument("--checkpoints", action="store_true", help="also score every checkpoint; write the best")
+    ev.add_argument("--prompt-variant", action="append", help="question text from {context} {question} {choices}")
+    ev.add_argument("--max-examples", type=int)
     merge = sub.add_parser("merge", help="merge a stage's LoRA chain into 16-bit safetensors")
     merge.add_argument("stage_dir")
     merge.add_argument("--out", help="output folder (default STAGE_DIR/merged)")
-    merge.add_argument("--adapter", help="another adapter of this stage, e.g. STAGE_DIR/checkpoint-400")
+    merge.add_argument("--adapter", help="another adapter of this stage, e.g. STAGE_DIR/checkpoint-400, or 'best' "
+                       "(what `train eval --checkpoints` picked)")
     merge.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
     merge.add_argument("--dequantize", action="store_true",
                        help="merge into the 4-bit weights training saw, dequantized, instead of the original 16-bit")
@@ -72,6 +93,50 @@ def _pick_strategy(args) -> None:
     sys.stdout.write(("ddp" if strategy == "single" else strategy) + "\n")
 
 
+def _generate(args) -> None:
+    from train.config import DecodingConfig
+    from train.generate import generate_candidates
+
+    if args.input:
+        with open(args.input, encoding="utf-8") as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+        questions = [r.get("question") or r.get("prompt") for r in rows]
+        missing = [i + 1 for i, q in enumerate(questions) if not isinstance(q, str)]
+        if missing:
+            raise UserError(f"{args.input}: row(s) {missing[:10]} have no 'question' or 'prompt' text")
+    else:
+        questions = args.prompt
+    decoding = DecodingConfig(name="cli", **{k: getattr(args, k) for k in (
+        "max_new_tokens", "num_beams", "top_k", "top_p", "temperature", "repetition_penalty", "length_penalty",
+        "num_return_sequences", "seed", "do_sample")})
+    prompts, candidates = generate_candidates(args.target, questions, decoding, args.batch_size)
+    lines = [{"question": q, "prompt": p, "completions": [{"text": t, "logprob": round(lp, 4)} for t, lp in c]}
+             for q, p, c in zip(questions, prompts, candidates, strict=True)]
+    if args.out:
+        with open(args.out, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+        sys.stdout.write(f"{len(lines)} rows written to {args.out}\n")
+    else:
+        for line in lines:
+            sys.stdout.write(f"### {line['question']}\n" + "\n--\n".join(c["text"] for c in line["completions"]) + "\n\n")
+
+
+def _eval(args) -> None:
+    from train.evaluation import eval_config_for, format_eval, parse_decoding, run_eval
+
+    specs, cfg = eval_config_for(args.targets[0])
+    specs += args.targets[1:]
+    if args.decoding:
+        cfg.decodings = [parse_decoding(d) for d in args.decoding]
+    if args.prompt_variant:
+        cfg.prompt_variants = args.prompt_variant
+    if args.max_examples:
+        cfg.max_examples = args.max_examples
+    first = Path(specs[0])
+    out = args.out or str(first / "eval" if first.is_dir() else Path("outputs") / "eval" / first.stem)
+    sys.stdout.write(format_eval(run_eval(specs, cfg, out, data=args.data, checkpoints=args.checkpoints)))
+
+
 @cli_guard
 def main(argv: list[str] | None = None) -> None:
     args = _parser().parse_args(argv)
@@ -82,10 +147,9 @@ def main(argv: list[str] | None = None) -> None:
 
         run_sft(load_recipe(args.recipe, args.overrides))
     elif args.command == "generate":
-        from train.generate import generate
-
-        for prompt, text in zip(args.prompt, generate(args.stage_dir, args.prompt, args.max_new_tokens), strict=True):
-            sys.stdout.write(f"### {prompt}\n{text}\n\n")
+        _generate(args)
+    elif args.command == "eval":
+        _eval(args)
     elif args.command == "merge":
         from train.merge import merge_stage
 

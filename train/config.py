@@ -20,6 +20,7 @@ from typing import Any, Literal
 import yaml
 
 from train.errors import UserError
+from train.qa_metrics import CleanupRules
 
 # The embedded default: a tiny Qwen2 model built locally (train/tiny.py).
 TINY_MODEL = "tiny"
@@ -233,6 +234,46 @@ class TrainingConfig:
 
 
 @dataclass
+class DecodingConfig:
+    """One decoding setting; several in `eval.decodings` make a sweep, each scored apart."""
+
+    name: str = field(default="greedy", metadata={"help": "Label in reports (greedy, beam3, topp0.9, ...)."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width (1 = no beam search)."})
+    length_penalty: float = field(default=1.0, metadata={"help": "Beam search: >1 favours longer answers."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy/beam."})
+    top_k: int = field(default=0, metadata={"help": "Sampling: keep the k most likely tokens (0 = off)."})
+    top_p: float = field(default=1.0, metadata={"help": "Sampling: nucleus probability mass (1.0 = off)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages repeats (1.0 = off)."})
+    max_new_tokens: int = field(default=256, metadata={"help": "Room for the <think> block and the answer."})
+    num_return_sequences: int = field(
+        default=1, metadata={"help": "Candidates per prompt (beams or samples); > 1 enables voting over them."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+
+
+@dataclass
+class EvalConfig:
+    """`python -m train eval`: data, prompt variants, decodings, clean-up, the metric that picks."""
+
+    data: str | None = field(
+        default=None, metadata={"help": "Eval jsonl: question, answer (string or list), optional context, choices, id."})
+    columns: dict[str, str] = field(
+        default_factory=dict,
+        metadata={"help": "Map our fields (question, answer, context, choices, id) to the file's column names."})
+    prompt_variants: list[str] = field(
+        default_factory=lambda: ["{context}{question}{choices}"],
+        metadata={"help": "Question texts built from {context}, {question}, {choices}; several = voting over "
+                          "prompt variants. {context} and {choices} expand to blocks (empty when absent)."})
+    decodings: list[DecodingConfig] = field(
+        default_factory=lambda: [DecodingConfig()], metadata={"help": "Decoding settings to run (a sweep)."})
+    cleanup: CleanupRules = field(default_factory=CleanupRules, metadata={"help": "Answer clean-up before scoring."})
+    primary_metric: Literal["f1", "exact_match", "accuracy", "contains_reference"] = field(
+        default="f1", metadata={"help": "What ranks checkpoints and members (not eval loss)."})
+    batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call (left-padded)."})
+    max_examples: int | None = field(default=None, metadata={"help": "Score only the first N examples."})
+
+
+@dataclass
 class Recipe:
     stage: str = field(metadata={"help": "Name of the stage (stage1_medical, stage2_korean, ...)."})
     output_dir: str = field(metadata={"help": "Where adapters, checkpoints, stage.json and logs go."})
@@ -248,6 +289,7 @@ class Recipe:
     lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Sources, template and length policy."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation settings."})
+    eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Task evaluation (python -m train eval)."})
 
     # Filled by load_recipe: where the recipe came from (not a YAML key).
     source_path: str | None = field(default=None, repr=False, metadata={"internal": True})
@@ -392,11 +434,11 @@ def validate_recipe(recipe: Recipe) -> None:
                 f"{origin}: data.sources[{i}] ('{source.name}') uses schema 'columns' and needs "
                 f"'columns: {{question: COL, answer: COL}}' (optional: reasoning, system)"
             )
-        unknown = set(source.columns) - {"question", "answer", "reasoning", "system", "id"}
+        unknown = set(source.columns) - {"question", "answer", "reasoning", "system", "id", "context"}
         if unknown:
             raise UserError(
                 f"{origin}: data.sources[{i}].columns has unknown field(s) {sorted(unknown)}; "
-                "use question, answer, reasoning, system, id"
+                "use question, answer, reasoning, system, id, context"
             )
         if source.weight <= 0:
             raise UserError(f"{origin}: data.sources[{i}].weight must be > 0 (remove the source to skip it)")
@@ -428,6 +470,11 @@ def validate_recipe(recipe: Recipe) -> None:
         raise UserError(f"{origin}: training.max_steps=0 trains nothing; use -1 for epochs or a positive count")
     if recipe.parent is not None and Path(recipe.parent).resolve() == Path(recipe.output_dir).resolve():
         raise UserError(f"{origin}: parent and output_dir are the same folder; give this stage its own output_dir")
+    for i, dec in enumerate(recipe.eval.decodings):
+        if dec.num_return_sequences > max(dec.num_beams, 1) and not dec.do_sample:
+            raise UserError(f"{origin}: eval.decodings[{i}] ('{dec.name}') asks for {dec.num_return_sequences} "
+                            f"candidates from {dec.num_beams} beam(s); set num_beams >= num_return_sequences or "
+                            "do_sample: true")
     reserved = {"output_dir", "max_length", "packing", "seed", "bf16", "fp16", "completion_only_loss"}
     clash = reserved & set(training.sft_args)
     if clash:

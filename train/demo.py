@@ -5,7 +5,8 @@
 
 data prep (stage 1 and 2) -> stage 1 SFT (medical <think> reasoning) -> stage 2 SFT continuing from
 stage 1 (Korean instructions + AI Hub Korean-English pairs) -> generation from the final model ->
-merge into 16-bit safetensors -> q4_k_m GGUF through llama.cpp, both parity-checked. Writes `<out>/summary.json` and prints a summary table.
+task evaluation of both stages (greedy and beam search, voting) -> merge into 16-bit safetensors ->
+q4_k_m GGUF through llama.cpp, both parity-checked. Writes `<out>/summary.json` and prints a summary table.
 """
 
 from __future__ import annotations
@@ -48,6 +49,24 @@ def format_table(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def evaluate_stages(stage_dirs: list[Path], out: Path, fast: bool) -> dict:
+    """Both stages on open medical questions: greedy and beam search (3 candidates, voted), an ensemble."""
+    from train.config import DecodingConfig, EvalConfig
+    from train.evaluation import format_eval, run_eval
+
+    tokens = 32 if fast else 160
+    cfg = EvalConfig(data=str(REPO_ROOT / "data_prep/samples/medical_eval_sample.jsonl"),
+                     decodings=[DecodingConfig(name="greedy", max_new_tokens=tokens),
+                                DecodingConfig(name="beam3", num_beams=3, num_return_sequences=3,
+                                               max_new_tokens=tokens)],
+                     primary_metric="contains_reference", max_examples=4 if fast else None)
+    report = run_eval([str(d) for d in stage_dirs], cfg, out)
+    return {"members": {k: v["metrics"] | ({"vote_over_candidates": v["vote_over_candidates"]}
+                                           if "vote_over_candidates" in v else {})
+                        for k, v in report["members"].items()},
+            "ensemble": report.get("ensemble"), "table": format_eval(report), "out": str(out)}
+
+
 def merge_and_export(stage_dir: Path, merged_dir: Path) -> tuple[dict, dict]:
     """The final stage merged (bf16) and exported to q4_k_m; the parity figures for summary.json."""
     from train.export import export_gguf
@@ -87,6 +106,7 @@ def run_demo(out: str | Path = "outputs/demo", fast: bool = False) -> dict:
     completions = generate(final, DEMO_PROMPTS, max_new_tokens=48 if fast else 160)
     summary["generation"] = {"stage": str(final), "samples": [
         {"prompt": p, "completion": c} for p, c in zip(DEMO_PROMPTS, completions, strict=True)]}
+    summary["eval"] = evaluate_stages([Path(s["output_dir"]) for s in summary["stages"].values()], out / "eval", fast)
     summary["merge"], summary["gguf"] = merge_and_export(final, out / "merged")
     summary["seconds_total"] = round(time.perf_counter() - started, 1)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -112,5 +132,6 @@ def format_export_lines(summary: dict) -> str:
 def format_report(summary: dict) -> str:
     samples = "\n\n".join(f">>> {s['prompt']}\n{s['completion']}" for s in summary["generation"]["samples"])
     return (f"\ndemo ({summary['mode']}) finished in {summary['seconds_total']}s\n\n{format_table(summary)}\n\n"
-            f"generation from {summary['generation']['stage']}:\n{samples}\n\n{format_export_lines(summary)}\n\n"
+            f"generation from {summary['generation']['stage']}:\n{samples}\n\n"
+            f"evaluation on open medical questions:\n{summary['eval']['table']}\n{format_export_lines(summary)}\n\n"
             f"summary: {summary['summary_path']}\n")

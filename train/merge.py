@@ -122,6 +122,11 @@ def merge_stage(stage_dir: str | Path, out: str | Path, adapter: str | Path | No
     out = Path(out).resolve()
     info = read_stage(stage_dir)
     recipe = recipe_from_dict(info["recipe"], origin=str(stage_dir / "stage.json"))
+    if str(adapter) == "best":  # chosen by `train eval --checkpoints` on the task metric
+        best_file = stage_dir / "best_checkpoint.json"
+        if not best_file.is_file():
+            raise UserError(f"--adapter best: no {best_file}; run `python -m train eval {stage_dir} --checkpoints`")
+        adapter = json.loads(best_file.read_text(encoding="utf-8"))["adapter"]
     adapter = Path(adapter) if adapter else stage_dir / ADAPTER_DIR
     if not (adapter / "adapter_config.json").is_file():
         raise UserError(f"no LoRA adapter in {adapter} (adapter_config.json missing); train the stage first")

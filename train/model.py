@@ -169,7 +169,7 @@ def load_merged_16bit(base: str, adapters: list[Path], model_cfg: ModelConfig, a
         low_cpu_mem_usage=True,
     )
     for adapter in adapters:
-        log.info("merging parent adapter %s", adapter)
+        log.info("merging adapter %s", adapter)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model
 

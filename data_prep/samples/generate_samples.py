@@ -5,6 +5,8 @@
 - medical_o1_sample.json   FreedomIntelligence/medical-o1-reasoning-SFT shape (Question, Complex_CoT, Response)
 - kocommercial_sample.jsonl  MarkrAI/KoCommercial-Dataset shape (instruction, input, output), Korean
 - aihub/*.xlsx              AI Hub Korean-English parallel corpus shape (원문, 번역문 plus AI Hub's other columns)
+- korean_qa_sample.jsonl    context QA (context, question, answer, answers), Korean: `train eval` and the QA recipe
+- medical_eval_sample.jsonl  open medical questions with the reference diagnosis: the demo's eval table
 
 The cases are written for this project; they are small, deterministic and schema-faithful so the
 demo and the tests exercise the real loaders. A few rows are deliberately defective (empty
@@ -231,6 +233,37 @@ def kocommercial_rows() -> list[dict]:
     return rows
 
 
+KO_FACTS = [  # (context, question, answers)
+    ("한국의 국보 제1호였던 숭례문은 서울 중구에 있는 조선 시대의 성문이다.", "숭례문은 어느 도시에 있나요?", ["서울"]),
+    ("인슐린은 이자의 베타세포에서 분비되어 혈당을 낮추는 호르몬이다.", "인슐린을 분비하는 세포는 무엇인가요?", ["베타세포"]),
+    ("성인의 정상 안정 시 심박수는 분당 60회에서 100회 사이이다.", "정상 안정 시 심박수의 하한은 분당 몇 회인가요?", ["60회", "60"]),
+    ("한글은 1443년 세종대왕이 창제하여 1446년에 반포하였다.", "한글을 창제한 왕은 누구인가요?", ["세종대왕", "세종"]),
+    ("폐렴구균 백신은 65세 이상 성인에게 권장된다.", "폐렴구균 백신이 권장되는 나이는?", ["65세 이상"]),
+    ("제주도는 대한민국에서 가장 큰 섬으로 한라산이 있다.", "한라산이 있는 섬은 어디인가요?", ["제주도", "제주"]),
+]
+
+
+def korean_qa_rows() -> list[dict]:
+    rows = []
+    for i, (city, country) in enumerate(CITIES):
+        context = f"{country}의 수도는 {city}이다. {city}에는 {country}의 정부 기관이 모여 있다."
+        answers = [city, "서울특별시"] if city == "서울" else [city]
+        rows.append({"id": f"capital-{i}", "context": context, "question": f"{country}의 수도는 어디인가요?",
+                     "answer": city, "answers": answers})
+        rows.append({"id": f"country-{i}", "context": context, "question": f"{city}은(는) 어느 나라의 수도인가요?",
+                     "answer": country, "answers": [country]})
+    for i, (context, question, answers) in enumerate(KO_FACTS):
+        rows.append({"id": f"fact-{i}", "context": context, "question": question, "answer": answers[0],
+                     "answers": answers})
+    return rows  # `answer` trains (one string); `answers` lists every accepted form for scoring
+
+
+def medical_eval_rows() -> list[dict]:
+    form = QUESTION_FORMS[0]
+    return [{"id": f"case-{i}", "question": form.format(who=DEMOGRAPHICS[i % len(DEMOGRAPHICS)], a=a, b=b),
+             "answer": [dx]} for i, (a, b, _, _, dx, _) in enumerate(MEDICAL_CASES)]
+
+
 def write_xlsx(path: Path, sheets: dict[str, list[tuple]]) -> None:
     from openpyxl import Workbook
 
@@ -252,6 +285,11 @@ def main() -> None:
     with open(HERE / "kocommercial_sample.jsonl", "w", encoding="utf-8") as f:
         for row in kocommercial_rows():
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    for name, rows in (("korean_qa_sample.jsonl", korean_qa_rows()),
+                       ("medical_eval_sample.jsonl", medical_eval_rows())):
+        with open(HERE / name, "w", encoding="utf-8") as f:
+            for row in rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
     aihub = HERE / "aihub"
     aihub.mkdir(exist_ok=True)
     tagged = [(f"{i:06d}", (ko, en, "의료" if i < 16 else "일상생활", "대화")) for i, (ko, en) in enumerate(AIHUB_PAIRS)]
