@@ -9,16 +9,18 @@ TORCH_VERSION := 2.13.0
 NPROC := $(shell nproc 2>/dev/null || echo 2)
 
 # Cluster launches: make train-stage1 GPUS=8 [STRATEGY=ddp|fsdp|zero2|zero3|zero3_offload|auto] [RECIPE=...]
+#                   one 4090 with Unsloth: make train-stage1 GPUS=1 BACKEND=unsloth
 #                   [ARGS="training.max_steps=10"] [GPU_MEMORY_GB=24 for auto without a visible GPU]
 GPUS ?= 1
 STRATEGY ?= ddp
+BACKEND ?= transformers
 NODES ?= 1
 NODE_RANK ?= 0
 MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS ?=
 
-.PHONY: install install-export merge export demo demo-fast test test-slow test-dist test-gpu test-all lint constraints bench \
+.PHONY: install install-export merge export eval demo demo-fast test test-slow test-dist test-gpu test-all lint constraints bench \
         data-stage1 data-stage2 train-stage1 train-stage2 train clean
 
 install: $(VENV)/.installed
@@ -70,6 +72,12 @@ export: install-export
 	@test -n "$(MERGED)" || { echo "error: set MERGED=path/to/merged_model (from make merge)"; exit 2; }
 	$(BIN)/python -m train export $(MERGED) --gguf $(QUANT) $(if $(OUT),--out $(OUT)) $(ARGS)
 
+# make eval STAGE=outputs/tiny/qa_context [DATA=qa.jsonl] [ARGS="--checkpoints --decoding beam3:num_beams=3"]
+# (STAGE may also be a recipe YAML, a merged folder or a .gguf file)
+eval: install
+	@test -n "$(STAGE)" || { echo "error: set STAGE=path/to/stage_dir (or a recipe, merged folder, .gguf)"; exit 2; }
+	$(BIN)/python -m train eval $(STAGE) $(if $(DATA),--data $(DATA)) $(ARGS)
+
 demo: install-export
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(NPROC)} TOKENIZERS_PARALLELISM=false $(BIN)/python -m train demo
 
@@ -111,6 +119,10 @@ train-stage1: RECIPE ?= recipes/stage1_medical.yaml
 train-stage2: RECIPE ?= recipes/stage2_korean.yaml
 train-stage1 train-stage2 train: install
 	@test -n "$(RECIPE)" || { echo "error: set RECIPE=path/to/recipe.yaml"; exit 2; }
+	@if [ "$(BACKEND)" = unsloth ]; then \
+	  test "$(GPUS)" = 1 || { echo "error: BACKEND=unsloth runs on one GPU; use GPUS=1 (or the default backend for $(GPUS) GPUs)"; exit 2; }; \
+	  exec $(BIN)/python -m train sft $(RECIPE) backend=unsloth $(ARGS); \
+	fi
 	@strategy=$(STRATEGY); \
 	if [ "$$strategy" = auto ]; then strategy=$$($(BIN)/python -m train pick-strategy $(RECIPE) --gpus $(GPUS) $(if $(GPU_MEMORY_GB),--gpu-memory-gb $(GPU_MEMORY_GB))) || exit 2; fi; \
 	test -f accelerate_configs/$$strategy.yaml || { echo "error: no accelerate_configs/$$strategy.yaml (available: $$(ls accelerate_configs/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ') auto)"; exit 2; }; \

@@ -36,6 +36,12 @@ class ModelConfig:
         metadata={"help": "Hub id or local folder of the base model; 'tiny' selects the embedded Qwen2 default."},
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
+    unsloth_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "backend: unsloth loads this pre-quantized checkpoint instead (e.g. "
+                          "unsloth/DeepSeek-R1-Distill-Qwen-32B-unsloth-bnb-4bit); the adapter still belongs to "
+                          "name_or_path, the 16-bit base that merge uses."},
+    )
     tokenizer: str | None = field(
         default=None, metadata={"help": "Tokenizer id or folder; defaults to `name_or_path`."}
     )

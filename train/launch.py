@@ -55,6 +55,11 @@ def check_launch(recipe: Recipe, launch: Launch) -> None:
     if recipe.backend == "unsloth" and launch.world_size > 1:
         raise UserError(f"backend 'unsloth' runs on one GPU only, but {launch.world_size} processes were launched; "
                         "launch one process, or use backend: transformers with DDP/FSDP/ZeRO")
+    if recipe.backend == "unsloth":  # fail before data prep when Unsloth cannot run here
+        from train import unsloth_backend
+
+        unsloth_backend.check_unsloth_recipe(recipe)
+        unsloth_backend.UnslothApi()
     if launch.strategy in ("fsdp", "zero3") and model.quantization == "int8":
         raise UserError(f"model.quantization=int8 cannot be sharded by {launch.strategy}; use nf4 "
                         f"(with model.quant_storage: {model.dtype}) or the ddp/zero2 strategy")

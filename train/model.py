@@ -174,40 +174,64 @@ def load_merged_16bit(base: str, adapters: list[Path], model_cfg: ModelConfig, a
     return model
 
 
+def check_parent_base(recipe: Recipe) -> None:
+    if recipe.parent:
+        parent_base = read_stage(recipe.parent).get("base_model")
+        if parent_base != recipe.model.name_or_path:
+            raise UserError(
+                f"parent stage {recipe.parent} was trained on '{parent_base}' but this recipe's model.name_or_path "
+                f"is '{recipe.model.name_or_path}'; set model.name_or_path: {parent_base}"
+            )
+
+
+def parent_merged_dir(recipe: Recipe, adapters: list[Path]) -> str:
+    """The parent chain merged into the 16-bit base, written once to <output_dir>/parent_merged."""
+    from accelerate import PartialState
+
+    merged_dir = Path(recipe.output_dir) / "parent_merged"
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process and not (merged_dir / "config.json").is_file():
+            merged = load_merged_16bit(recipe.model.name_or_path, adapters, recipe.model)
+            tmp = merged_dir.with_name("parent_merged.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            merged.save_pretrained(tmp, safe_serialization=True)
+            del merged
+            tmp.rename(merged_dir)
+    return str(merged_dir)
+
+
+def load_model_and_lora(recipe: Recipe):
+    """(model, peft_config for the trainer): the main path leaves the LoRA to TRL, Unsloth wraps it itself."""
+    from transformers import set_seed
+
+    if recipe.backend == "unsloth":
+        from train.unsloth_backend import load_unsloth_model
+
+        adapters = adapter_chain(recipe.parent)
+        check_parent_base(recipe)
+        source = parent_merged_dir(recipe, adapters) if adapters else None
+        set_seed(recipe.training.seed)  # LoRA init independent of what ran before, as on the main path
+        return load_unsloth_model(recipe, source), None
+    return load_model_for_training(recipe), peft_lora_config(recipe.lora)
+
+
 def load_model_for_training(recipe: Recipe):
     """The model SFT starts from (without the new LoRA, which the trainer adds)."""
     import torch
-    from accelerate import PartialState
     from transformers import AutoModelForCausalLM
 
     model_cfg = recipe.model
     check_kernels(model_cfg)
     adapters = adapter_chain(recipe.parent)
-    if recipe.parent:
-        parent_base = read_stage(recipe.parent).get("base_model")
-        if parent_base != model_cfg.name_or_path:
-            raise UserError(
-                f"parent stage {recipe.parent} was trained on '{parent_base}' but this recipe's model.name_or_path "
-                f"is '{model_cfg.name_or_path}'; set model.name_or_path: {parent_base}"
-            )
+    check_parent_base(recipe)
     quant = quantization_config(model_cfg)
     if adapters and quant is None:
         return load_merged_16bit(model_cfg.name_or_path, adapters, model_cfg, model_cfg.attn_implementation)
 
     source = resolve_model_path(model_cfg.name_or_path)
     if adapters:  # quantized child of a parent: merge in 16-bit once, then reload quantized
-        merged_dir = Path(recipe.output_dir) / "parent_merged"
-        state = PartialState()
-        with state.main_process_first():
-            if state.is_main_process and not (merged_dir / "config.json").is_file():
-                merged = load_merged_16bit(model_cfg.name_or_path, adapters, model_cfg)
-                tmp = merged_dir.with_name("parent_merged.tmp")
-                shutil.rmtree(tmp, ignore_errors=True)
-                merged.save_pretrained(tmp, safe_serialization=True)
-                del merged
-                tmp.rename(merged_dir)
-        source = str(merged_dir)
-
+        source = parent_merged_dir(recipe, adapters)
     kwargs = {}
     if quant is not None and torch.cuda.is_available():
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}

@@ -28,10 +28,9 @@ from train.logging_utils import get_logger
 from train.model import (
     ADAPTER_DIR,
     adapter_chain,
+    load_model_and_lora,
     load_model_config,
-    load_model_for_training,
     load_tokenizer,
-    peft_lora_config,
 )
 from train.reliability import (
     NonFiniteGuard,
@@ -106,8 +105,6 @@ def run_sft(recipe: Recipe) -> dict:
     started = time.perf_counter()
     out = Path(recipe.output_dir)
     _check_output_dir(out)
-    if recipe.backend != "transformers":
-        raise UserError(f"backend '{recipe.backend}' is not available in this version; use backend: transformers")
     launch = detect_launch()
     check_launch(recipe, launch)
     resume = _resume_point(recipe, out)
@@ -120,7 +117,7 @@ def run_sft(recipe: Recipe) -> dict:
     train_ds, eval_ds, manifest = load_processed(recipe, tokenizer, allow_build=world_size == 1)
     # The config first: under ZeRO-3 it makes from_pretrained shard the weights as they load.
     args = build_sft_config(recipe, str(out), has_eval=eval_ds is not None)
-    model = load_model_for_training(recipe)
+    model, peft_config = load_model_and_lora(recipe)  # backend: transformers (TRL adds the LoRA) or unsloth
     if int(os.environ.get("RANK", "0")) == 0:
         _trim_metrics_log(out / "metrics.jsonl", resume)
     preemption, stop = PreemptionCallback(), _StopAtStep(recipe.training.stop_at_step)
@@ -133,7 +130,7 @@ def run_sft(recipe: Recipe) -> dict:
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        peft_config=peft_lora_config(recipe.lora),
+        peft_config=peft_config,
         callbacks=[MetricsLogCallback(out / "metrics.jsonl"), preemption, stop],
     )
     guard = NonFiniteGuard(trainer, recipe.training.nonfinite, recipe.training.max_consecutive_nonfinite)
