@@ -5,6 +5,9 @@
     python -m train eval RECIPE_OR_TARGET... --data F      decode, clean, score (EM/F1/accuracy), vote, pick checkpoints
     python -m train merge STAGE_DIR [--out DIR]            LoRA chain -> merged 16-bit safetensors, parity-checked
     python -m train export MERGED_DIR --gguf f16,q4_k_m    GGUF via llama.cpp, parity-checked
+    python -m train classify RECIPE                        sequence classification (single/multi-label encoders)
+    python -m train predict-labels MODEL_DIR --input F     labels with the saved per-label thresholds
+    python -m train export-onnx MODEL_DIR                  classifier -> ONNX, checked with onnxruntime
     python -m train demo [--fast]                          the whole pipeline on the embedded tiny model
     python -m train build-tiny                             build (or find) the embedded tiny model
     python -m train pick-strategy RECIPE --gpus N          STRATEGY=auto: which accelerate config to use
@@ -67,6 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output folder (default MERGED_DIR/gguf)")
     export.add_argument("--llama-cpp", help="a llama.cpp checkout to use instead of the bundled converter")
     export.add_argument("--push-to-hub", metavar="REPO", help="upload the GGUF files and card (token from HF_TOKEN)")
+    cls = sub.add_parser("classify", help="fine-tune an encoder for single- or multi-label classification")
+    cls.add_argument("recipe", help="e.g. recipes/classify/minilm_keywords.yaml")
+    cls.add_argument("overrides", nargs="*", help="section.key=value")
+    pl = sub.add_parser("predict-labels", help="labels for texts from a trained classifier")
+    pl.add_argument("model_dir")
+    pl.add_argument("--input", required=True, help="jsonl with a 'text' per row")
+    pl.add_argument("--text-field", default="text")
+    pl.add_argument("--out", help="write jsonl here (default: print)")
+    onnx = sub.add_parser("export-onnx", help="export a classifier to ONNX with an onnxruntime parity check")
+    onnx.add_argument("model_dir")
+    onnx.add_argument("--out", help="default MODEL_DIR/model.onnx")
     demo = sub.add_parser("demo", help="whole pipeline on the embedded tiny model")
     demo.add_argument("--fast", action="store_true", help="few steps: checks the plumbing, not the learning")
     demo.add_argument("--out", default="outputs/demo", help="where the demo writes its stages and summary")
@@ -119,6 +133,24 @@ def _generate(args) -> None:
     else:
         for line in lines:
             sys.stdout.write(f"### {line['question']}\n" + "\n--\n".join(c["text"] for c in line["completions"]) + "\n\n")
+
+
+def _predict_labels(args) -> None:
+    from train.classify import predict_labels
+
+    with open(args.input, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    bad = [i + 1 for i, r in enumerate(rows) if not isinstance(r.get(args.text_field), str)]
+    if bad:
+        raise UserError(f"{args.input}: row(s) {bad[:10]} have no '{args.text_field}' text")
+    results = predict_labels(args.model_dir, [r[args.text_field] for r in rows])
+    lines = [json.dumps({**row, "predicted": res["labels"], "scores": res["scores"]}, ensure_ascii=False)
+             for row, res in zip(rows, results, strict=True)]
+    if args.out:
+        Path(args.out).write_text("\n".join(lines) + "\n", encoding="utf-8")
+        sys.stdout.write(f"{len(lines)} rows written to {args.out}\n")
+    else:
+        sys.stdout.write("\n".join(lines) + "\n")
 
 
 def _eval(args) -> None:
@@ -180,6 +212,19 @@ def main(argv: list[str] | None = None) -> None:
             from train.hub import push_folder
 
             push_folder(report["out"], args.push_to_hub, allow_patterns=["*.gguf", "README.md", "export_report.json"])
+    elif args.command == "classify":
+        from train.classify import load_classification_recipe, run_classification
+
+        report = run_classification(load_classification_recipe(args.recipe, args.overrides))
+        if report:
+            shown = {k: round(v, 4) for k, v in report["metrics"].items() if isinstance(v, float)}
+            sys.stdout.write(json.dumps(shown, indent=2) + f"\nmodel: {report['model_dir']}\n")
+    elif args.command == "predict-labels":
+        _predict_labels(args)
+    elif args.command == "export-onnx":
+        from train.classify import export_onnx
+
+        sys.stdout.write(json.dumps(export_onnx(args.model_dir, args.out), indent=2) + "\n")
     elif args.command == "demo":
         from train.demo import format_report, run_demo
 

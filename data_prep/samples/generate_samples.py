@@ -7,6 +7,7 @@
 - aihub/*.xlsx              AI Hub Korean-English parallel corpus shape (원문, 번역문 plus AI Hub's other columns)
 - korean_qa_sample.jsonl    context QA (context, question, answer, answers), Korean: `train eval` and the QA recipe
 - medical_eval_sample.jsonl  open medical questions with the reference diagnosis: the demo's eval table
+- keyword_tags_sample.jsonl  multi-label keyword tagging (text, labels list): `train classify`
 
 The cases are written for this project; they are small, deterministic and schema-faithful so the
 demo and the tests exercise the real loaders. A few rows are deliberately defective (empty
@@ -264,6 +265,30 @@ def medical_eval_rows() -> list[dict]:
              "answer": [dx]} for i, (a, b, _, _, dx, _) in enumerate(MEDICAL_CASES)]
 
 
+TAG_PHRASES = {
+    "cardiac": ["chest pain on exertion", "palpitations", "an irregular pulse", "ankle swelling", "high blood pressure"],
+    "respiratory": ["a productive cough", "wheezing at night", "shortness of breath", "a sore throat", "sputum"],
+    "endocrine": ["high blood glucose", "weight gain and fatigue", "heat intolerance", "excessive thirst",
+                  "a thyroid nodule"],
+    "digestive": ["abdominal pain after meals", "heartburn", "nausea and vomiting", "diarrhea", "black stools"],
+}
+FILLERS = ["The patient reports {}.", "Main complaint: {}.", "Seen today for {}.", "History notable for {}.",
+           "She describes {}.", "He mentions {}."]
+
+
+def keyword_tag_rows(n: int = 320) -> list[dict]:
+    rng = random.Random(11)
+    tags = sorted(TAG_PHRASES)
+    rows = []
+    for _ in range(n):
+        chosen = sorted(rng.sample(tags, rng.choice([1, 1, 2, 2, 3])))
+        phrases = [rng.choice(TAG_PHRASES[t]) for t in chosen]
+        rows.append({"text": rng.choice(FILLERS).format(" and ".join(phrases)), "labels": chosen})
+    rows.append({"text": "", "labels": ["cardiac"]})  # defects, counted and written aside: empty text,
+    rows.append({"text": "Seen today for a rash.", "labels": ["dermatology"]})  # a label outside labels:
+    return rows
+
+
 def write_xlsx(path: Path, sheets: dict[str, list[tuple]]) -> None:
     from openpyxl import Workbook
 
@@ -286,7 +311,8 @@ def main() -> None:
         for row in kocommercial_rows():
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     for name, rows in (("korean_qa_sample.jsonl", korean_qa_rows()),
-                       ("medical_eval_sample.jsonl", medical_eval_rows())):
+                       ("medical_eval_sample.jsonl", medical_eval_rows()),
+                       ("keyword_tags_sample.jsonl", keyword_tag_rows())):
         with open(HERE / name, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
