@@ -152,7 +152,7 @@ def test_recipe_mistakes_are_named(tmp_path):
     bad = copy.deepcopy(data)
     bad["model"]["problem"] = "multi_label"
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(bad))
-    with pytest.raises(UserError, match="unknown key 'model.problem'; did you mean 'model.problem_type'"):
+    with pytest.raises(UserError, match="unknown key 'model.problem'; did you mean 'problem_type'"):
         load_classification_recipe(tmp_path / "a.yaml")
     both = copy.deepcopy(data)
     both["model"].update(lora=True, train_last_n_layers=2)
