@@ -5,6 +5,7 @@
     python -m train eval RECIPE_OR_TARGET... --data F      decode, clean, score (EM/F1/accuracy), vote, pick checkpoints
     python -m train merge STAGE_DIR [--out DIR]            LoRA chain -> merged 16-bit safetensors, parity-checked
     python -m train export MERGED_DIR --gguf f16,q4_k_m    GGUF via llama.cpp, parity-checked
+    python -m train reward|dpo|grpo RECIPE                 preference and RL stages after SFT (TRL trainers)
     python -m train classify RECIPE                        sequence classification (single/multi-label encoders)
     python -m train predict-labels MODEL_DIR --input F     labels with the saved per-label thresholds
     python -m train export-onnx MODEL_DIR                  classifier -> ONNX, checked with onnxruntime
@@ -70,6 +71,11 @@ def _parser() -> argparse.ArgumentParser:
     export.add_argument("--out", help="output folder (default MERGED_DIR/gguf)")
     export.add_argument("--llama-cpp", help="a llama.cpp checkout to use instead of the bundled converter")
     export.add_argument("--push-to-hub", metavar="REPO", help="upload the GGUF files and card (token from HF_TOKEN)")
+    for method, text in (("reward", "pairwise reward model (TRL RewardTrainer)"),
+                         ("dpo", "DPO and its variants (TRL DPOTrainer)"), ("grpo", "GRPO (TRL GRPOTrainer)")):
+        p = sub.add_parser(method, help=text + " after an SFT stage")
+        p.add_argument("recipe")
+        p.add_argument("overrides", nargs="*", help="section.key=value")
     cls = sub.add_parser("classify", help="fine-tune an encoder for single- or multi-label classification")
     cls.add_argument("recipe", help="e.g. recipes/classify/minilm_keywords.yaml")
     cls.add_argument("overrides", nargs="*", help="section.key=value")
@@ -212,6 +218,17 @@ def main(argv: list[str] | None = None) -> None:
             from train.hub import push_folder
 
             push_folder(report["out"], args.push_to_hub, allow_patterns=["*.gguf", "README.md", "export_report.json"])
+    elif args.command in ("reward", "dpo", "grpo"):
+        from train.config import load_recipe
+        from train.preference import run_preference
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if recipe.method != args.command:
+            raise UserError(f"{args.recipe} has method: {recipe.method}; run python -m train {recipe.method} "
+                            f"(or pass method={args.command})")
+        record = run_preference(recipe)
+        shown = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and v is not None}
+        sys.stdout.write(json.dumps(shown, indent=2) + f"\nstage: {recipe.output_dir}\n")
     elif args.command == "classify":
         from train.classify import load_classification_recipe, run_classification
 

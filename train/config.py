@@ -26,6 +26,8 @@ from train.qa_metrics import CleanupRules
 TINY_MODEL = "tiny"
 
 SCHEMAS = ("medical_o1", "kocommercial", "aihub_translation", "columns")
+PREFERENCE_SCHEMAS = ("preference", "ratings")  # reward and dpo
+VERIFIABLE_SCHEMA = "verifiable"  # grpo: question + ground truth
 TEMPLATES = ("reasoning", "chat")
 
 
@@ -93,8 +95,11 @@ class SourceConfig:
             "(relative paths are relative to the repository root)."
         }
     )
-    schema: Literal["medical_o1", "kocommercial", "aihub_translation", "columns"] = field(
-        metadata={"help": "How rows map to question/reasoning/answer (see data_prep/schemas.py)."}
+    schema: Literal["medical_o1", "kocommercial", "aihub_translation", "columns", "preference", "ratings",
+                    "verifiable"] = field(
+        metadata={"help": "How rows map to question/reasoning/answer (data_prep/schemas.py); for reward/dpo "
+                          "'preference' (prompt, chosen, rejected) or 'ratings' (prompt, response, rating); for grpo "
+                          "'verifiable' (question, ground truth). `columns` renames the fields."}
     )
     columns: dict[str, str] = field(
         default_factory=dict,
@@ -280,6 +285,28 @@ class EvalConfig:
 
 
 @dataclass
+class PreferenceConfig:
+    """Settings of the reward, dpo and grpo methods (TRL's trainers)."""
+
+    beta: float = field(default=0.1, metadata={"help": "DPO temperature / GRPO KL coefficient."})
+    loss_type: str = field(default="sigmoid", metadata={
+        "help": "DPO variant, any loss_type TRL's DPOConfig accepts (sigmoid = DPO, ipo, hinge, robust, ...)."})
+    ratings_margin: float = field(default=1.0, metadata={
+        "help": "ratings -> pairs: two answers to one prompt form a pair when their ratings differ by this much."})
+    rewards: list[Literal["format", "exact_answer", "reward_model"]] = field(
+        default_factory=lambda: ["format", "exact_answer"],
+        metadata={"help": "GRPO reward functions: format = a closed <think>...</think> then an answer; "
+                          "exact_answer = the answer contains the ground truth; reward_model = reward_model's score."})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "GRPO: output_dir of a reward stage (its merged reward_model/ is used)."})
+    num_generations: int = field(default=4, metadata={"help": "GRPO: completions per prompt (the group)."})
+    max_completion_length: int = field(default=64, metadata={"help": "GRPO: tokens generated per completion."})
+    temperature: float = field(default=1.0, metadata={"help": "GRPO: sampling temperature."})
+    use_vllm: bool = field(default=False, metadata={"help": "GRPO: generate with vLLM (GPU only)."})
+    eval_fraction: float = field(default=0.2, metadata={"help": "Held-out share of pairs (reward accuracy)."})
+
+
+@dataclass
 class Recipe:
     stage: str = field(metadata={"help": "Name of the stage (stage1_medical, stage2_korean, ...)."})
     output_dir: str = field(metadata={"help": "Where adapters, checkpoints, stage.json and logs go."})
@@ -288,6 +315,9 @@ class Recipe:
         default=None,
         metadata={"help": "Output folder of the stage this one continues from; its adapter is merged into the base."},
     )
+    method: Literal["sft", "reward", "dpo", "grpo"] = field(
+        default="sft", metadata={"help": "What this stage trains: sft (python -m train sft), a reward model, DPO or "
+                                         "GRPO (python -m train reward|dpo|grpo)."})
     backend: Literal["transformers", "unsloth"] = field(
         default="transformers", metadata={"help": "'unsloth' = single-GPU Unsloth path (4090 development)."}
     )
@@ -296,6 +326,8 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Sources, template and length policy."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation settings."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Task evaluation (python -m train eval)."})
+    preference: PreferenceConfig = field(default_factory=PreferenceConfig,
+                                         metadata={"help": "reward / dpo / grpo settings."})
 
     # Filled by load_recipe: where the recipe came from (not a YAML key).
     source_path: str | None = field(default=None, repr=False, metadata={"internal": True})
@@ -431,6 +463,17 @@ def validate_recipe(recipe: Recipe) -> None:
     model, data, training = recipe.model, recipe.data, recipe.training
     if not data.sources:
         raise UserError(f"{origin}: 'data.sources' is empty; list at least one source")
+    wanted = {"sft": set(SCHEMAS), "reward": set(PREFERENCE_SCHEMAS), "dpo": set(PREFERENCE_SCHEMAS),
+              "grpo": {VERIFIABLE_SCHEMA}}[recipe.method]
+    for i, source in enumerate(data.sources):
+        if source.schema not in wanted:
+            raise UserError(f"{origin}: data.sources[{i}] ('{source.name}') has schema '{source.schema}', which "
+                            f"method '{recipe.method}' cannot use; use one of {sorted(wanted)}")
+    if recipe.method == "grpo" and "reward_model" in recipe.preference.rewards and not recipe.preference.reward_model:
+        raise UserError(f"{origin}: preference.rewards lists reward_model but preference.reward_model is not set; "
+                        "give the output_dir of a reward stage")
+    if recipe.method != "sft" and recipe.backend != "transformers":
+        raise UserError(f"{origin}: method '{recipe.method}' runs on backend transformers only")
     names = [s.name for s in data.sources]
     if len(set(names)) != len(names):
         raise UserError(f"{origin}: source names must be unique, got {names}")
@@ -440,11 +483,14 @@ def validate_recipe(recipe: Recipe) -> None:
                 f"{origin}: data.sources[{i}] ('{source.name}') uses schema 'columns' and needs "
                 f"'columns: {{question: COL, answer: COL}}' (optional: reasoning, system)"
             )
-        unknown = set(source.columns) - {"question", "answer", "reasoning", "system", "id", "context"}
+        allowed = {"preference": {"prompt", "chosen", "rejected", "id"}, "ratings": {"prompt", "response", "rating", "id"},
+                   "verifiable": {"question", "answer", "id"}}.get(
+            source.schema, {"question", "answer", "reasoning", "system", "id", "context"})
+        unknown = set(source.columns) - allowed
         if unknown:
             raise UserError(
                 f"{origin}: data.sources[{i}].columns has unknown field(s) {sorted(unknown)}; "
-                "use question, answer, reasoning, system, id, context"
+                f"use {', '.join(sorted(allowed))}"
             )
         if source.weight <= 0:
             raise UserError(f"{origin}: data.sources[{i}].weight must be > 0 (remove the source to skip it)")

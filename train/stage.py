@@ -76,6 +76,7 @@ def write_stage_outputs(recipe: Recipe, out: Path, manifest: dict, metrics: dict
     record = {
         "stage": recipe.stage,
         "description": recipe.description,
+        "method": recipe.method,
         "backend": recipe.backend,
         "base_model": recipe.model.name_or_path,
         "quantization": recipe.model.quantization,

@@ -8,6 +8,8 @@
 - korean_qa_sample.jsonl    context QA (context, question, answer, answers), Korean: `train eval` and the QA recipe
 - medical_eval_sample.jsonl  open medical questions with the reference diagnosis: the demo's eval table
 - keyword_tags_sample.jsonl  multi-label keyword tagging (text, labels list): `train classify`
+- preference_sample.jsonl   (prompt, chosen, rejected) and ratings_sample.jsonl (prompt, response, rating):
+                            reward and dpo; verifiable_sample.jsonl (question, answer): grpo
 
 The cases are written for this project; they are small, deterministic and schema-faithful so the
 demo and the tests exercise the real loaders. A few rows are deliberately defective (empty
@@ -289,6 +291,29 @@ def keyword_tag_rows(n: int = 320) -> list[dict]:
     return rows
 
 
+def preference_rows() -> tuple[list[dict], list[dict], list[dict]]:
+    """Preferred: reasoning closed by </think>, then the right diagnosis. Rejected: a wrong one, or no reasoning."""
+    rng = random.Random(5)
+    pairs, ratings, verifiable = [], [], []
+    for i, (a, b, ra, rb, dx, _) in enumerate(MEDICAL_CASES):
+        wrong = MEDICAL_CASES[(i + 3) % len(MEDICAL_CASES)][4]
+        for who in rng.sample(DEMOGRAPHICS, 3):
+            q = QUESTION_FORMS[0].format(who=who, a=a, b=b)
+            good = f"<think>\n{ra}. Then {rb}.\n</think>\nThe most likely diagnosis is {dx}."
+            bad = rng.choice([f"<think>\n{ra}.\n</think>\nThe most likely diagnosis is {wrong}.",
+                              f"The most likely diagnosis is {wrong}."])
+            pairs.append({"prompt": q, "chosen": good, "rejected": bad})
+        q = QUESTION_FORMS[1].format(who=DEMOGRAPHICS[i % len(DEMOGRAPHICS)], a=a, b=b)
+        ratings += [{"prompt": q, "response": f"<think>\n{ra}. Then {rb}.\n</think>\nIt is {dx}.", "rating": 9},
+                    {"prompt": q, "response": f"It is {dx}.", "rating": 6},
+                    {"prompt": q, "response": f"It is {wrong}.", "rating": 2}]
+        verifiable.append({"question": QUESTION_FORMS[0].format(who=DEMOGRAPHICS[(i + 1) % len(DEMOGRAPHICS)], a=a,
+                                                                  b=b), "answer": dx})
+    pairs.append({"prompt": "A 30-year-old has a headache. Diagnosis?", "chosen": "Migraine.", "rejected": "Migraine."})
+    ratings.append({"prompt": "A 40-year-old has back pain.", "response": "Strain.", "rating": "high"})
+    return pairs, ratings, verifiable
+
+
 def write_xlsx(path: Path, sheets: dict[str, list[tuple]]) -> None:
     from openpyxl import Workbook
 
@@ -312,7 +337,9 @@ def main() -> None:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
     for name, rows in (("korean_qa_sample.jsonl", korean_qa_rows()),
                        ("medical_eval_sample.jsonl", medical_eval_rows()),
-                       ("keyword_tags_sample.jsonl", keyword_tag_rows())):
+                       ("keyword_tags_sample.jsonl", keyword_tag_rows()),
+                       *zip(("preference_sample.jsonl", "ratings_sample.jsonl", "verifiable_sample.jsonl"),
+                            preference_rows(), strict=True)):
         with open(HERE / name, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
