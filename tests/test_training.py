@@ -150,3 +150,15 @@ def test_stage2_continues_from_stage1(trained_stage1, quantization):
     assert record["parent"] == str((root / "stage1").resolve())
     saved = json.load(open(root / f"stage2-{quantization}" / "stage.json"))
     assert saved["parent"] == record["parent"] and saved["metrics"]["global_steps"] == 2
+
+
+def test_a_stage_trained_on_another_build_of_the_embedded_model_is_refused(tmp_path):
+    from train.errors import UserError
+    from train.model import read_stage
+    from train.tiny import tiny_build_name
+
+    (tmp_path / "stage.json").write_text(json.dumps({"base_model": "tiny", "base_model_build": tiny_build_name()}))
+    assert read_stage(tmp_path)["base_model_build"] == tiny_build_name()
+    (tmp_path / "stage.json").write_text(json.dumps({"base_model": "tiny", "base_model_build": "tiny-qwen2-0"}))
+    with pytest.raises(UserError, match="trained on the embedded model tiny-qwen2-0, but this checkout builds"):
+        read_stage(tmp_path)

@@ -134,7 +134,16 @@ def read_stage(stage_dir: str | Path) -> dict:
     path = Path(stage_dir) / "stage.json"
     if not path.is_file():
         raise UserError(f"parent stage '{stage_dir}' has no stage.json; train that stage first")
-    return json.loads(path.read_text(encoding="utf-8"))
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if info.get("base_model") == TINY_MODEL and info.get("base_model_build"):
+        from train.tiny import tiny_build_name
+
+        if info["base_model_build"] != tiny_build_name():
+            raise UserError(
+                f"stage '{stage_dir}' was trained on the embedded model {info['base_model_build']}, but this checkout "
+                f"builds {tiny_build_name()} (the bundled samples, its tokenizer corpus, changed); its adapter does "
+                "not fit the new base: train that stage again (make demo)")
+    return info
 
 
 def adapter_chain(parent: str | None) -> list[Path]:

@@ -14,10 +14,16 @@ from pathlib import Path
 import yaml
 from transformers import TrainerCallback
 
-from train.config import Recipe, recipe_to_dict
+from train.config import TINY_MODEL, Recipe, recipe_to_dict
 from train.logging_utils import is_main_process
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _tiny_build() -> str:
+    from train.tiny import tiny_build_name
+
+    return tiny_build_name()
 
 
 def git_commit() -> str:
@@ -79,6 +85,7 @@ def write_stage_outputs(recipe: Recipe, out: Path, manifest: dict, metrics: dict
         "method": recipe.method,
         "backend": recipe.backend,
         "base_model": recipe.model.name_or_path,
+        "base_model_build": _tiny_build() if recipe.model.name_or_path == TINY_MODEL else None,
         "quantization": recipe.model.quantization,
         "parent": str(Path(recipe.parent).resolve()) if recipe.parent else None,
         "adapter": "adapter",

@@ -14,6 +14,7 @@ the hash covers the build spec and the corpus, so editing either rebuilds.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -102,6 +103,12 @@ def corpus_texts() -> list[str]:
     return texts
 
 
+def tiny_build_name() -> str:
+    """The folder name of the embedded model this checkout builds (it changes when the samples change)."""
+    return f"tiny-qwen2-{_build_hash()}"
+
+
+@functools.lru_cache(maxsize=1)
 def _build_hash() -> str:
     h = hashlib.sha256(json.dumps(SPEC, sort_keys=True).encode())
     h.update(QWEN2_SPLIT_REGEX.encode())
@@ -184,7 +191,7 @@ def cache_root() -> Path:
 
 def ensure_tiny_model() -> Path:
     """Return the folder of the tiny model + tokenizer, building it on first use."""
-    target = cache_root() / f"tiny-qwen2-{_build_hash()}"
+    target = cache_root() / tiny_build_name()
     if (target / "model.safetensors").is_file():
         return target
     log.info("building the embedded tiny Qwen2 model and tokenizer -> %s", target)
