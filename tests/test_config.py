@@ -21,6 +21,11 @@ def test_recipes_are_shipped():
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
 def test_every_shipped_recipe_loads(path: Path):
+    if "codeio" in path.parts:  # CodeI/O data specs (python -m data_prep codeio)
+        from data_prep.codeio import load_spec
+
+        assert load_spec(path).functions_dir
+        return
     if "classify" in path.parts:  # encoder classification recipes (python -m train classify)
         from train.classify import load_classification_recipe
 
