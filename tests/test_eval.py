@@ -21,7 +21,7 @@ QA_RECIPE = REPO / "recipes" / "tiny" / "qa_context.yaml"
 
 @pytest.fixture(scope="module")
 def qa_stage(tmp_path_factory):
-    """The tiny QA recipe trained for 30 steps with checkpoints at 10, 20, 30."""
+    """The tiny QA recipe trained for 60 steps with checkpoints at 20, 40, 60."""
     from train.sft import run_sft
 
     root = tmp_path_factory.mktemp("qa")
