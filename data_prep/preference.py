@@ -23,7 +23,7 @@ from data_prep.sources import Reject, iter_source
 from data_prep.templates import render_prompt
 from train.config import Recipe
 from train.errors import UserError
-from train.logging_utils import get_logger
+from train.logging_utils import get_logger, is_main_process
 
 log = get_logger("preference_data")
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -93,10 +93,11 @@ def build_preference_data(recipe: Recipe, tokenizer, out: Path):
                                       {"prompt": prompt[:200]}))
             rows.extend({"prompt": prompt, "chosen": hi[0], "rejected": lo[0], "source": source.name}
                         for hi, lo in pairs)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
-        for r in rejects:
-            f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+    if is_main_process():  # every rank builds the same rows in memory; one writes the files
+        out.mkdir(parents=True, exist_ok=True)
+        with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
+            for r in rejects:
+                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
     if not rows:
         raise UserError(f"no usable {recipe.method} rows in {[s.path for s in data.sources]}; see {out}/rejects.jsonl")
     random.Random(recipe.training.seed).shuffle(rows)
@@ -104,7 +105,9 @@ def build_preference_data(recipe: Recipe, tokenizer, out: Path):
     train, held = rows[n_eval:], rows[:n_eval]
     manifest = {"method": recipe.method, "raw_rows": dict(raw_counts), "rows": len(rows),
                 "rejected": dict(Counter(r.reason for r in rejects)), "train_rows": len(train), "eval_rows": len(held)}
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    if is_main_process():
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
+                                           encoding="utf-8")
     if rejects:
         log.warning("%d row(s) rejected %s, written to %s", len(rejects), manifest["rejected"], out / "rejects.jsonl")
 

@@ -147,7 +147,9 @@ def run_preference(recipe: Recipe) -> dict:
     result = trainer.train()
     eval_metrics = trainer.evaluate() if eval_ds is not None else {}
     adapter_dir = out / ADAPTER_DIR
-    shutil.rmtree(adapter_dir, ignore_errors=True)
+    if trainer.is_world_process_zero():
+        shutil.rmtree(adapter_dir, ignore_errors=True)  # never leave an earlier run's adapter in place
+    trainer.accelerator.wait_for_everyone()
     trainer.save_model(str(adapter_dir))
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(str(adapter_dir))
