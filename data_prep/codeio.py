@@ -72,14 +72,9 @@ class CodeIOSpec:
 
 
 def load_spec(path: str | Path) -> CodeIOSpec:
-    import yaml
+    from train.config import build_config, read_yaml
 
-    from train.config import _build
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"CodeI/O spec not found: {path}")
-    return _build(CodeIOSpec, yaml.safe_load(path.read_text(encoding="utf-8")) or {}, "", str(path))
+    return build_config(CodeIOSpec, read_yaml(path, "CodeI/O spec"), str(path))
 
 
 def _literal_inputs(code: str) -> list[dict] | None:

@@ -67,3 +67,16 @@ def write_jsonl(path: Path, rows: list) -> Path:
         for row in rows:
             f.write((row if isinstance(row, str) else json.dumps(row, ensure_ascii=False)) + "\n")
     return path
+
+
+def train_tiny_stage(recipe_name: str, out: Path, data_dir: Path, parent: Path | None = None,
+                     model: dict | None = None, **training) -> dict:
+    """Train a shipped tiny recipe briefly into `out` (max_length 256, no intermediate checkpoints)."""
+    from train.sft import run_sft
+
+    data = copy.deepcopy(recipe_dict(recipe_name))
+    data.update(output_dir=str(out), parent=str(parent) if parent else None)
+    data["model"].update(model or {})
+    data["data"].update(processed_dir=str(data_dir), max_length=256)
+    data["training"].update({"save_steps": 1000, **training})
+    return run_sft(make_recipe(data))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import subprocess
@@ -11,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, make_recipe, recipe_dict
+from conftest import REPO, make_recipe, recipe_dict, train_tiny_stage
 
 from train.errors import UserError
 from train.merge import merge_stage, text_logits
@@ -20,20 +19,10 @@ from train.merge import merge_stage, text_logits
 @pytest.fixture(scope="module")
 def lineage(tmp_path_factory):
     """stage 1 (float32) -> stage 2 (QLoRA NF4, so its parent is merged then quantized), briefly trained."""
-    from train.sft import run_sft
-
     root = tmp_path_factory.mktemp("export")
-    s1 = copy.deepcopy(recipe_dict("stage1_medical"))
-    s1.update(output_dir=str(root / "stage1"))
-    s1["data"].update(processed_dir=str(root / "data1"), max_length=256)
-    s1["training"].update(max_steps=10, logging_steps=5, save_steps=1000)
-    run_sft(make_recipe(s1))
-    s2 = copy.deepcopy(recipe_dict("stage2_korean"))
-    s2.update(output_dir=str(root / "stage2"), parent=str(root / "stage1"))
-    s2["model"]["quantization"] = "nf4"
-    s2["data"].update(processed_dir=str(root / "data2"), max_length=256)
-    s2["training"].update(max_steps=6, logging_steps=3, save_steps=1000)
-    run_sft(make_recipe(s2))
+    train_tiny_stage("stage1_medical", root / "stage1", root / "data1", max_steps=10, logging_steps=5)
+    train_tiny_stage("stage2_korean", root / "stage2", root / "data2", parent=root / "stage1",
+                     model={"quantization": "nf4"}, max_steps=6, logging_steps=3)
     return root
 
 

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import REPO, make_recipe, recipe_dict, write_jsonl
+from conftest import REPO, make_recipe, train_tiny_stage, write_jsonl
 
 from train.errors import UserError
 from train.preference import exact_answer_reward, format_reward, run_preference
@@ -15,14 +15,8 @@ from train.preference import exact_answer_reward, format_reward, run_preference
 
 @pytest.fixture(scope="module")
 def sft_parent(tmp_path_factory):
-    from train.sft import run_sft
-
     root = tmp_path_factory.mktemp("pref")
-    data = copy.deepcopy(recipe_dict("stage1_medical"))
-    data.update(output_dir=str(root / "sft"))
-    data["data"].update(processed_dir=str(root / "sft_data"), max_length=256)
-    data["training"].update(max_steps=12, logging_steps=4, save_steps=1000)
-    run_sft(make_recipe(data))
+    train_tiny_stage("stage1_medical", root / "sft", root / "sft_data", max_steps=12, logging_steps=4)
     return root
 
 

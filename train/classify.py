@@ -86,17 +86,9 @@ class ClassificationRecipe:
 
 
 def load_classification_recipe(path: str | Path, overrides: list[str] | None = None) -> ClassificationRecipe:
-    import yaml
+    from train.config import build_config, read_yaml
 
-    from train.config import _apply_override, _build
-
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe not found: {path}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    for override in overrides or []:
-        _apply_override(data, override, str(path))
-    recipe = _build(ClassificationRecipe, data, "", str(path))
+    recipe = build_config(ClassificationRecipe, read_yaml(path), str(path), overrides)
     if not recipe.data.train:
         raise UserError(f"{path}: missing 'data.train' (a jsonl/csv/parquet file with text and labels)")
     if recipe.model.lora and recipe.model.train_last_n_layers is not None:

@@ -427,25 +427,34 @@ def _apply_override(data: dict, override: str, origin: str) -> None:
     node[parts[-1]] = value
 
 
-def recipe_from_dict(data: dict, origin: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+def read_yaml(path: str | Path, what: str = "recipe") -> dict:
+    """A YAML mapping from disk, with the file named in every error (recipes, classify recipes, specs)."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} not found: {path}")
+    try:
+        return yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
+
+
+def build_config(cls: type, data: dict, origin: str, overrides: list[str] | None = None):
+    """Any typed config from a mapping: overrides applied, unknown keys rejected with the closest name."""
     data = dict(data or {})
     for override in overrides or []:
         _apply_override(data, override, origin)
-    recipe = _build(Recipe, data, "", origin)
+    return _build(cls, data, "", origin)
+
+
+def recipe_from_dict(data: dict, origin: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
+    recipe = build_config(Recipe, data, origin, overrides)
     recipe.source_path = origin
     validate_recipe(recipe)
     return recipe
 
 
 def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
-    path = Path(path)
-    if not path.is_file():
-        raise UserError(f"recipe not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as err:
-        raise UserError(f"{path}: not valid YAML ({str(err).splitlines()[0]})") from None
-    return recipe_from_dict(data, str(path), overrides)
+    return recipe_from_dict(read_yaml(path), str(path), overrides)
 
 
 def recipe_to_dict(recipe: Recipe) -> dict:

@@ -33,7 +33,7 @@ from pathlib import Path
 from train.cards import write_model_card
 from train.errors import UserError
 from train.logging_utils import get_logger
-from train.merge import MERGE_REPORT, PARITY_TEXTS, check_output_dir, compare_logits
+from train.merge import MERGE_REPORT, PARITY_TEXTS, check_output_dir, compare_logits, token_logits
 
 log = get_logger("export")
 
@@ -140,13 +140,6 @@ def llama_logits(llm, token_lists: list[list[int]]):
     return out
 
 
-def hf_logits(model, token_lists: list[list[int]]):
-    import torch
-
-    with torch.no_grad():
-        return [model(input_ids=torch.tensor([ids]), use_cache=False).logits[0].float() for ids in token_lists]
-
-
 def _reference_dtype(merged_dir: Path) -> str:
     """float32 when an fp32 copy fits in half the free memory (32B does not: bf16 then)."""
     import psutil
@@ -198,7 +191,7 @@ def export_gguf(merged_dir: str | Path, types: list[str], out: str | Path | None
     token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"][:128] for t in TOKENIZER_TEXTS]
     ref_dtype = _reference_dtype(merged_dir)
     merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch_dtype(ref_dtype)).eval()
-    merged_logits = hf_logits(merged, token_lists)
+    merged_logits = token_logits(merged, token_lists)
     del merged
 
     float_type = next((t for t in types if t in FLOAT_TYPES), "f16")
@@ -231,7 +224,7 @@ def export_gguf(merged_dir: str | Path, types: list[str], out: str | Path | None
         if kind in QUANT_TYPES:
             same_file = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
                                                              dtype=torch_dtype(ref_dtype)).eval()
-            entry["vs_transformers_same_file"] = compare_logits(hf_logits(same_file, token_lists), logits)
+            entry["vs_transformers_same_file"] = compare_logits(token_logits(same_file, token_lists), logits)
             del same_file
             entry["fallback_tensors"] = fallback_tensors(meta["tensors"], kind)
             if entry["fallback_tensors"]:

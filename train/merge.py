@@ -64,16 +64,17 @@ def held_out_texts(stage_dir: Path, limit: int = 3) -> list[str]:
     return texts + PARITY_TEXTS
 
 
-def text_logits(model, tokenizer, texts: list[str], max_tokens: int = 128):
-    """Float32 logits of each text (one at a time: no padding to get in the way), on CPU."""
+def token_logits(model, token_lists: list[list[int]]):
+    """Float32 logits of each token sequence (one at a time: no padding to get in the way), on CPU."""
     import torch
 
-    out = []
-    for text in texts:
-        ids = tokenizer(text, add_special_tokens=False, return_tensors="pt")["input_ids"][:, :max_tokens]
-        with torch.no_grad():
-            out.append(model(input_ids=ids.to(model.device), use_cache=False).logits[0].float().cpu())
-    return out
+    with torch.no_grad():
+        return [model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits[0].float().cpu()
+                for ids in token_lists]
+
+
+def text_logits(model, tokenizer, texts: list[str], max_tokens: int = 128):
+    return token_logits(model, [tokenizer(t, add_special_tokens=False)["input_ids"][:max_tokens] for t in texts])
 
 
 def compare_logits(reference, candidate) -> dict:
