@@ -159,3 +159,23 @@ def test_recipe_mistakes_are_named(tmp_path):
     (tmp_path / "b.yaml").write_text(yaml.safe_dump(both))
     with pytest.raises(UserError, match="choose one"):
         load_classification_recipe(tmp_path / "b.yaml")
+
+
+def test_positive_class_weights_scale_the_loss_of_positives():
+    import torch
+
+    from train.classify import _trainer_class
+
+    class Model(torch.nn.Module):  # a fixed-logit stand-in: only the loss arithmetic is under test
+        def forward(self, **inputs):
+            return type("Out", (), {"logits": torch.zeros(2, 2)})()
+
+    labels = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    pos_weight = torch.tensor([1.0, 3.0])
+    trainer = _trainer_class(pos_weight).__new__(_trainer_class(pos_weight))
+    loss = trainer.compute_loss(Model(), {"labels": labels.clone()})
+    # logits 0: each positive costs w*ln2, each negative ln2: (1 + 1) + (1 + 3) over 4 cells
+    assert float(loss) == pytest.approx(6 * np.log(2) / 4)  # unweighted would be ln2
+    from transformers import Trainer
+
+    assert _trainer_class(None) is Trainer

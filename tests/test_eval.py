@@ -81,6 +81,8 @@ def test_trained_model_beats_untrained_and_best_checkpoint_is_written(qa_stage, 
     best = json.loads((qa_stage / "best_checkpoint.json").read_text())
     assert best == report["best_checkpoint"] and best["metric"] == "f1"
     assert best["score"] == max(best["scores"].values()) and best["best"] != "untrained"
+    # among tied best scores the earliest checkpoint wins (scores are listed earliest first)
+    assert best["best"] == next(label for label, score in best["scores"].items() if score == best["score"])
     rows = [json.loads(line) for line in open(tmp_path / "eval" / "predictions.jsonl", encoding="utf-8")]
     assert len(rows) == 12 * 10 and all(r["completions"] and "scores" in r for r in rows)
     beam_rows = [r for r in rows if r["member"] == "qa (final) | beam2"]
