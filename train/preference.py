@@ -123,8 +123,7 @@ def _trainer(recipe: Recipe, tokenizer, train_ds, eval_ds, out: Path, callbacks)
     keep.pop("eval_steps", None)
     args = GRPOConfig(**keep, beta=pref.beta, num_generations=pref.num_generations,
                       max_completion_length=pref.max_completion_length, temperature=pref.temperature,
-                      use_vllm=pref.use_vllm, generation_batch_size=max(pref.num_generations,
-                                                                        recipe.training.per_device_train_batch_size))
+                      use_vllm=pref.use_vllm)  # TRL sizes generation batches from batch x processes
     return GRPOTrainer(model=model, reward_funcs=_reward_funcs(recipe), args=args, train_dataset=train_ds,
                        processing_class=tokenizer, peft_config=lora, callbacks=callbacks)
 
