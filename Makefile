@@ -20,7 +20,7 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS ?=
 
-.PHONY: install install-export merge export eval demo demo-fast test test-slow test-dist test-gpu test-all lint constraints bench \
+.PHONY: install install-export merge export eval demo demo-fast test test-slow test-dist test-gpu test-all lint constraints bench bench-gpu install-gpu \
         data-stage1 data-stage2 train-stage1 train-stage2 train clean
 
 install: $(VENV)/.installed
@@ -94,13 +94,25 @@ test-slow: install-export
 test-dist: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m dist
 
-test-gpu: install
+test-gpu: install-gpu
 	$(BIN)/python -m pytest -q -m gpu
+
+# GPU machines: Liger's kernels (flash-attn is used where installed: pip install -e '.[gpu]').
+install-gpu: $(VENV)/.installed-gpu
+
+$(VENV)/.installed-gpu: $(VENV)/.installed
+	$(BIN)/pip install -q -c constraints.txt -e ".[liger]"
+	touch $@
 
 # Benchmarks write bench/results/<date>-<machine>.json and .md (never timed tests).
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.data_prep_bench
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.train_bench
+
+# make bench-gpu [ARGS="--shapes qwen2.5-7b --skip-cap"]: QLoRA 7B/32B-shaped, random weights, vs a plain
+# Transformers+PEFT+bitsandbytes baseline in the same job; writes bench/results/<date>-<gpu>.json/.md.
+bench-gpu: install-gpu
+	$(BIN)/python -m bench.gpu_bench $(ARGS)
 
 lint: install
 	$(BIN)/ruff check .
