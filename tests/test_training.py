@@ -162,3 +162,32 @@ def test_a_stage_trained_on_another_build_of_the_embedded_model_is_refused(tmp_p
     (tmp_path / "stage.json").write_text(json.dumps({"base_model": "tiny", "base_model_build": "tiny-qwen2-0"}))
     with pytest.raises(UserError, match="trained on the embedded model tiny-qwen2-0, but this checkout builds"):
         read_stage(tmp_path)
+
+
+def test_sdpa_packed_reads_the_boundaries_once_per_batch_not_per_layer():
+    """Reading cu_seq_lens to the host syncs a GPU: every layer of one forward must share one read."""
+    from train.attention import packed_sdpa_forward
+
+    class CountingTensor(torch.Tensor):
+        reads = 0
+
+        def tolist(self):
+            CountingTensor.reads += 1
+            return super().tolist()
+
+    q = torch.randn(1, 4, 7, 8)
+    kv = torch.randn(1, 2, 7, 8)
+    module = torch.nn.Module().eval()
+    first = torch.tensor([0, 3, 7]).as_subclass(CountingTensor)
+    outs = [packed_sdpa_forward(module, q, kv, kv, None, cu_seq_lens_q=first)[0] for _ in range(4)]  # 4 "layers"
+    assert CountingTensor.reads == 1
+    assert all(torch.equal(outs[0], o) for o in outs)
+    packed_sdpa_forward(module, q, kv, kv, None, cu_seq_lens_q=torch.tensor([0, 2, 7]).as_subclass(CountingTensor))
+    assert CountingTensor.reads == 2  # a new batch's boundaries are read afresh
+    # each sequence attends only to itself: the first 3 positions do not change when the rest does
+    q2 = q.clone()
+    q2[:, :, 3:] = 0
+    kv2 = kv.clone()
+    kv2[:, :, 3:] = 1
+    again = packed_sdpa_forward(module, q2, kv2, kv2, None, cu_seq_lens_q=first)[0]
+    assert torch.allclose(again[:, :3], outs[0][:, :3])

@@ -17,13 +17,24 @@ from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
 NAME = "sdpa_packed"
 
+# Every layer receives the same boundaries tensor; reading it to the host syncs a GPU, so read it once per
+# forward (the first layer) instead of once per layer and again in checkpoint recomputation.
+_boundaries_read: tuple[torch.Tensor | None, list[int]] = (None, [])
+
+
+def _cuts(boundaries: torch.Tensor) -> list[int]:
+    global _boundaries_read
+    if _boundaries_read[0] is not boundaries:
+        _boundaries_read = (boundaries, boundaries.tolist())
+    return _boundaries_read[1]
+
 
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     boundaries = kwargs.get("cu_seq_lens_q")
     if boundaries is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       **kwargs)
-    cuts = boundaries.tolist()
+    cuts = _cuts(boundaries)
     gqa = query.shape[1] != key.shape[1]
     pieces = [
         torch.nn.functional.scaled_dot_product_attention(
