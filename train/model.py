@@ -90,7 +90,7 @@ def check_kernels(model_cfg: ModelConfig) -> None:
         if not torch.cuda.is_available():
             raise UserError("model.use_liger=true needs a GPU (Liger's Triton kernels); set model.use_liger: false")
         if importlib.util.find_spec("liger_kernel") is None:
-            raise UserError("model.use_liger=true but liger-kernel is not installed: pip install '.[gpu]'")
+            raise UserError("model.use_liger=true but liger-kernel is not installed: pip install '.[liger]' (make install-gpu)")
     if model_cfg.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"model.quantization={model_cfg.quantization} needs bitsandbytes: pip install bitsandbytes")
 
