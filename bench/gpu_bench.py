@@ -275,7 +275,7 @@ def run_variant(spec: dict) -> dict:
     import torch
 
     config = qwen2_config(spec["shape"], "sdpa")
-    rows = bench_rows(spec["distribution"], spec.get("rows", 4000), spec["tokens"], config.vocab_size)
+    rows = bench_rows(spec["distribution"], spec.get("rows", 800), spec["tokens"], config.vocab_size)
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as out:
         if spec["path"] == BASELINE:
