@@ -104,6 +104,22 @@ def test_prompt_variants_are_voted(qa_stage, tmp_path):
     assert "ensemble" in report  # two members
 
 
+def test_sampling_returns_seeded_distinct_candidates_and_votes_over_them(qa_stage, tmp_path):
+    def sampled(seed, out):
+        dec = DecodingConfig(name="sc5", do_sample=True, temperature=1.5, top_k=0, top_p=1.0,
+                             num_return_sequences=5, max_new_tokens=8, seed=seed)
+        report = run_eval([str(qa_stage)], _cfg(qa_stage, max_examples=6, decodings=[dec]), tmp_path / out)
+        rows = [json.loads(line) for line in open(tmp_path / out / "predictions.jsonl", encoding="utf-8")]
+        return report, [[c["text"] for c in r["completions"]] for r in rows]
+
+    report, texts = sampled(7, "a")
+    assert len(texts) == 6 and all(len(t) == 5 for t in texts)
+    assert any(len(set(t)) > 1 for t in texts), "five samples per prompt all identical: sampling is not on"
+    assert "vote_over_candidates" in report["members"]["qa | sc5"]
+    assert sampled(7, "b")[1] == texts  # the decoding's seed makes samples reproducible
+    assert sampled(8, "c")[1] != texts
+
+
 def test_eval_data_problems_are_counted_and_written_aside(tmp_path, qa_stage):
     data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "수도는?", "answers": ["서울"]}, "{broken",
                                                {"question": "", "answers": ["x"]}, {"question": "q", "answers": []}])
