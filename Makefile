@@ -20,7 +20,7 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS ?=
 
-.PHONY: install install-export merge export eval demo demo-fast test test-slow test-dist test-gpu test-all lint constraints bench bench-gpu install-gpu \
+.PHONY: install install-export merge export eval demo demo-fast test test-slow test-dist test-gpu test-all lint constraints bench bench-gpu install-gpu lm-eval \
         data-stage1 data-stage2 train-stage1 train-stage2 train clean
 
 install: $(VENV)/.installed
@@ -77,6 +77,13 @@ export: install-export
 eval: install
 	@test -n "$(STAGE)" || { echo "error: set STAGE=path/to/stage_dir (or a recipe, merged folder, .gguf)"; exit 2; }
 	$(BIN)/python -m train eval $(STAGE) $(if $(DATA),--data $(DATA)) $(ARGS)
+
+# make lm-eval STAGE=outputs/stage2_korean TASKS=kormedmcqa,kmmlu [ARGS="--limit 200 --num-fewshot 5"]
+# (STAGE may also be a merged folder or a base model id; TASKS=kormedmcqa_sample runs offline)
+lm-eval: install
+	@test -n "$(STAGE)" || { echo "error: set STAGE=path/to/stage_dir (or a merged folder, a model id)"; exit 2; }
+	@test -n "$(TASKS)" || { echo "error: set TASKS=kormedmcqa,... (lm-eval task names)"; exit 2; }
+	$(BIN)/python -m train lm-eval $(STAGE) --tasks $(TASKS) $(ARGS)
 
 demo: install-export
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(NPROC)} TOKENIZERS_PARALLELISM=false $(BIN)/python -m train demo

@@ -3,6 +3,7 @@
     python -m train sft RECIPE [section.key=value ...]     train one stage
     python -m train generate TARGET --prompt TEXT          generate from a stage, a merged model or a GGUF file
     python -m train eval RECIPE_OR_TARGET... --data F      decode, clean, score (EM/F1/accuracy), vote, pick checkpoints
+    python -m train lm-eval TARGET --tasks T1,T2           standard benchmarks (lm-evaluation-harness: KorMedMCQA, KMMLU...)
     python -m train merge STAGE_DIR [--out DIR]            LoRA chain -> merged 16-bit safetensors, parity-checked
     python -m train export MERGED_DIR --gguf f16,q4_k_m    GGUF via llama.cpp, parity-checked
     python -m train reward|dpo|grpo RECIPE                 preference and RL stages after SFT (TRL trainers)
@@ -54,6 +55,16 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--checkpoints", action="store_true", help="also score every checkpoint; write the best")
     ev.add_argument("--prompt-variant", action="append", help="question text from {context} {question} {choices}")
     ev.add_argument("--max-examples", type=int)
+    lme = sub.add_parser("lm-eval", help="standard benchmarks through lm-evaluation-harness (KorMedMCQA, KMMLU, ...)")
+    lme.add_argument("target", help="a stage folder, a merged folder, or a base model id/folder")
+    lme.add_argument("--tasks", required=True, help="comma-separated lm-eval task or group names")
+    lme.add_argument("--out", help="output folder (default: TARGET/lm_eval, or outputs/lm_eval/NAME)")
+    lme.add_argument("--limit", type=float, help="examples per task (a fraction if < 1)")
+    lme.add_argument("--num-fewshot", type=int)
+    lme.add_argument("--batch-size", type=int, default=8)
+    lme.add_argument("--include-path", action="append", help="a folder of your own task YAMLs (repeatable)")
+    lme.add_argument("--log-samples", action="store_true", help="write every request and its scores")
+    lme.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the tokenizer's template")
     merge = sub.add_parser("merge", help="merge a stage's LoRA chain into 16-bit safetensors")
     merge.add_argument("stage_dir")
     merge.add_argument("--out", help="output folder (default STAGE_DIR/merged)")
@@ -188,6 +199,16 @@ def main(argv: list[str] | None = None) -> None:
         _generate(args)
     elif args.command == "eval":
         _eval(args)
+    elif args.command == "lm-eval":
+        from train.harness import run_lm_eval
+
+        target = Path(args.target)
+        out = args.out or str(target / "lm_eval" if target.is_dir() else Path("outputs") / "lm_eval" / target.name)
+        report = run_lm_eval(args.target, [t for t in args.tasks.split(",") if t], out, limit=args.limit,
+                             num_fewshot=args.num_fewshot, batch_size=args.batch_size,
+                             include_paths=args.include_path, log_samples=args.log_samples,
+                             apply_chat_template=args.apply_chat_template)
+        sys.stdout.write(report["table"] + f"\nresults in {out}/lm_eval_results.json\n")
     elif args.command == "merge":
         from train.merge import merge_stage
 
