@@ -151,7 +151,8 @@ def bench_rows(distribution: str, n: int, max_length: int, vocab: int) -> list[d
 
 
 class StepClock:
-    """Per optimizer step: wall time (GPU synchronised at both ends), real tokens, sequence lengths."""
+    """Per optimizer step: wall time between consecutive step ends (GPU synchronised there), so data loading and
+    collation between steps count as they do for a user; real tokens and sequence lengths of the step."""
 
     def __init__(self, warmup: int):
         import torch
@@ -159,21 +160,22 @@ class StepClock:
 
         clock = self
         self.warmup, self.times, self.tokens, self.seq_lens = warmup, [], [], []
-        self._pending_tokens, self._pending_lens, self._start = 0, [], 0.0
+        self._pending_tokens, self._pending_lens, self._last_end = 0, [], None
         sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
 
         class Callback(TrainerCallback):
-            def on_step_begin(self, args, state, control, **kwargs):
+            def on_train_begin(self, args, state, control, **kwargs):
                 sync()
-                clock._start = time.perf_counter()
-                clock._pending_tokens, clock._pending_lens = 0, []
+                clock._last_end = time.perf_counter()
 
             def on_step_end(self, args, state, control, **kwargs):
                 sync()
+                now = time.perf_counter()
                 if state.global_step > clock.warmup:
-                    clock.times.append(time.perf_counter() - clock._start)
+                    clock.times.append(now - clock._last_end)
                     clock.tokens.append(clock._pending_tokens)
                     clock.seq_lens.extend(clock._pending_lens)
+                clock._last_end, clock._pending_tokens, clock._pending_lens = now, 0, []
 
         self.callback = Callback()
 
@@ -205,7 +207,8 @@ def ours_recipe(attn: str, liger: bool, tokens: int, steps: int, out: str):
     from train.config import load_recipe
 
     return load_recipe(REPO / "recipes" / "stage1_medical.yaml", [
-        f"model.attn_implementation={attn}", f"model.use_liger={str(liger).lower()}", f"output_dir={out}", f"data.max_length={tokens}", "training.per_device_train_batch_size=1",
+        f"model.attn_implementation={attn}", f"model.use_liger={str(liger).lower()}", f"output_dir={out}",
+        f"data.max_length={tokens}", "training.per_device_train_batch_size=1",
         "training.gradient_accumulation_steps=1", f"training.max_steps={steps}", "training.warmup_steps=0",
         "training.logging_steps=100000", "training.save_steps=100000", "training.eval_steps=null"])
 
