@@ -164,6 +164,9 @@ def _iter_hub(source: SourceConfig, path: str) -> Iterator[RawRow]:
     """A Hub dataset through `datasets.load_dataset` (cached locally after the first download)."""
     import datasets
 
+    from train.hub import offline_unless_hub_reachable
+
+    offline_unless_hub_reachable()
     try:
         ds = datasets.load_dataset(path, source.config_name, split=source.split)
     except Exception as err:  # offline, missing config, auth: datasets raises many types

@@ -78,3 +78,39 @@ def test_real_cli_process_exits_2_with_one_line(tmp_path, stage1_dict):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data file not found")
     assert "Traceback" not in proc.stderr
+
+
+def test_unreachable_hub_fails_at_once_instead_of_retrying(tmp_path):
+    """A Hub id on a machine without network: one warning and one error line, not a minute of back-off."""
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")}
+    env.update(OMP_NUM_THREADS="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # nothing listens
+    for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
+        env.pop(proxy, None)
+    proc = subprocess.run([sys.executable, "-m", "train", "pick-strategy", "recipes/stage1_medical.yaml", "--gpus", "1",
+                           "--gpu-memory-gb", "24"],
+                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Retrying" not in proc.stderr
+    assert "unreachable" in proc.stderr and "using the local HF cache only" in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith("error: cannot read the config of 'deepseek-ai/")
+
+
+def test_reachable_hub_stays_online(monkeypatch):
+    import socket
+
+    import huggingface_hub.constants as hub_constants
+
+    from train.hub import offline_unless_hub_reachable
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(hub_constants, "ENDPOINT", f"http://127.0.0.1:{listener.getsockname()[1]}")
+    offline_unless_hub_reachable.cache_clear()
+    try:
+        assert offline_unless_hub_reachable() is True
+        assert hub_constants.HF_HUB_OFFLINE is False
+    finally:
+        offline_unless_hub_reachable.cache_clear()
+        listener.close()

@@ -29,6 +29,10 @@ def resolve_model_path(name_or_path: str) -> str:
         from train.tiny import ensure_tiny_model
 
         return str(ensure_tiny_model())
+    if not Path(name_or_path).exists():  # a Hub id: fail fast (cache only) when the Hub is unreachable
+        from train.hub import offline_unless_hub_reachable
+
+        offline_unless_hub_reachable()
     return name_or_path
 
 
