@@ -144,12 +144,6 @@ def load_random_model(shape: str, model_cfg):
 # One variant's run (child process)
 
 
-def bench_rows(distribution: str, n: int, max_length: int, vocab: int) -> list[dict]:
-    from bench.train_bench import _rows
-
-    return _rows(distribution, n, max_length, vocab)
-
-
 class StepClock:
     """Per optimizer step: wall time between consecutive step ends (GPU synchronised there), so data loading and
     collation between steps count as they do for a user; real tokens and sequence lengths of the step."""
@@ -213,8 +207,9 @@ def ours_recipe(attn: str, liger: bool, tokens: int, steps: int, out: str):
         "training.logging_steps=100000", "training.save_steps=100000", "training.eval_steps=null"])
 
 
-def run_ours(shape: str, attn: str, liger: bool, rows: list[dict], tokens: int, steps: int, warmup: int,
-             out: str) -> tuple[dict, object, object]:
+def run_ours(shape: str, attn: str, liger: bool, rows: list[dict], tokens: int, steps: int, warmup: int, out: str,
+             model=None):
+    """(trainer, clock, extra) of our path; `model` = an already adapted model to train again (length search)."""
     import datasets
     from transformers import AutoTokenizer
 
@@ -223,14 +218,14 @@ def run_ours(shape: str, attn: str, liger: bool, rows: list[dict], tokens: int, 
     from train.trainer import StageSFTTrainer, build_sft_config
 
     recipe = ours_recipe(attn, liger, tokens, steps, out)
-    model = load_random_model(shape, recipe.model)
     clock = StepClock(warmup)
-    trainer = StageSFTTrainer(model=model, args=build_sft_config(recipe, out, False),
-                              train_dataset=datasets.Dataset.from_list(rows),
+    trainer = StageSFTTrainer(model=model if model is not None else load_random_model(shape, recipe.model),
+                              args=build_sft_config(recipe, out, False), train_dataset=datasets.Dataset.from_list(rows),
                               processing_class=AutoTokenizer.from_pretrained(ensure_tiny_model()),
-                              peft_config=peft_lora_config(recipe.lora), callbacks=[clock.callback])
+                              peft_config=None if model is not None else peft_lora_config(recipe.lora),
+                              callbacks=[clock.callback])
     _counting(trainer, clock)
-    return {"trainer": trainer}, clock, trainer.model
+    return trainer, clock, {}
 
 
 def run_baseline(shape: str, rows: list[dict], tokens: int, steps: int, warmup: int, out: str):
@@ -240,6 +235,7 @@ def run_baseline(shape: str, rows: list[dict], tokens: int, steps: int, warmup: 
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
+    from bench.train_bench import ALL_PROJECTIONS, padded_labels
     from train.config import ModelConfig
     from train.tiny import ensure_tiny_model
 
@@ -248,25 +244,19 @@ def run_baseline(shape: str, rows: list[dict], tokens: int, steps: int, warmup: 
                             attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(load_random_model(shape, model_cfg), use_gradient_checkpointing=True)
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                             "up_proj", "down_proj"]))
+                                             target_modules=ALL_PROJECTIONS))
     mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
     rows_per_batch = max(1, round(tokens / mean_len))  # the same real tokens per micro-batch on average
-
-    def to_labels(r):
-        return {"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]),
-                "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"], strict=True)]}
-
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=rows_per_batch, max_steps=steps,
                              learning_rate=2e-4, bf16=True, use_cpu=not cuda, gradient_checkpointing=True,
                              logging_steps=100000, save_steps=100000, report_to=[], disable_tqdm=True)
     clock = StepClock(warmup)
-    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([to_labels(r) for r in rows]),
+    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([padded_labels(r) for r in rows]),
                       data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
                       callbacks=[clock.callback])
     _counting(trainer, clock)
-    return {"trainer": trainer, "rows_per_batch": rows_per_batch}, clock, model
+    return trainer, clock, {"rows_per_batch": rows_per_batch}
 
 
 def lora_param_count(model) -> int:
@@ -277,23 +267,25 @@ def run_variant(spec: dict) -> dict:
     """Build, train `steps` optimizer steps, and report the timed ones (after `warmup`)."""
     import torch
 
+    from bench.train_bench import _rows
+
     config = qwen2_config(spec["shape"], "sdpa")
-    rows = bench_rows(spec["distribution"], spec.get("rows", 800), spec["tokens"], config.vocab_size)
+    rows = _rows(spec["distribution"], spec.get("rows", 800), spec["tokens"], config.vocab_size)
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as out:
         if spec["path"] == BASELINE:
-            extra, clock, model = run_baseline(spec["shape"], rows, spec["tokens"], spec["steps"], spec["warmup"], out)
+            trainer, clock, extra = run_baseline(spec["shape"], rows, spec["tokens"], spec["steps"], spec["warmup"],
+                                                 out)
         else:
-            extra, clock, model = run_ours(spec["shape"], spec["attn"], spec["liger"], rows, spec["tokens"],
-                                           spec["steps"], spec["warmup"], out)
-        trainer = extra.pop("trainer")
+            trainer, clock, extra = run_ours(spec["shape"], spec["attn"], spec["liger"], rows, spec["tokens"],
+                                             spec["steps"], spec["warmup"], out)
         weights_gb = torch.cuda.memory_allocated() / 2**30 if cuda else None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
         trainer.train()
         peak_gb = torch.cuda.max_memory_allocated() / 2**30 if cuda else None
     seconds = sum(clock.times)
-    flops = train_flops(config, clock.seq_lens, lora_param_count(model))
+    flops = train_flops(config, clock.seq_lens, lora_param_count(trainer.model))
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = peak_tflops(device, spec.get("peak_tflops"))
     return {
@@ -340,22 +332,21 @@ def run_cap(spec: dict) -> dict:
         ids = torch.randint(10, config.vocab_size - 10, (4, n)).tolist()
         # Rows of exactly n tokens (a quarter prompt): the worst case at this length.
         rows = [{"input_ids": row, "completion_mask": [0] * (n // 4) + [1] * (n - n // 4)} for row in ids]
-        extra = None
+        trainer = None
         try:
             with tempfile.TemporaryDirectory() as out:
                 if spec["path"] == BASELINE:
-                    extra, _, _ = run_baseline(spec["shape"], rows, n, 2, 0, out)
-                elif "model" not in built:
-                    extra, _, built["model"] = run_ours(spec["shape"], spec["attn"], spec["liger"], rows, n, 2, 0,
-                                                        out)
-                else:  # reuse the quantized base and its adapter: loading 32B again per length costs minutes
-                    extra = _retrain(built["model"], spec, rows, n, out)
-                extra["trainer"].train()
+                    trainer, _, _ = run_baseline(spec["shape"], rows, n, 2, 0, out)
+                else:  # one quantized base and adapter for every length: loading 32B again costs minutes
+                    trainer, _, _ = run_ours(spec["shape"], spec["attn"], spec["liger"], rows, n, 2, 0, out,
+                                             model=built.get("model"))
+                    built["model"] = trainer.model
+                trainer.train()
             return True
         except torch.OutOfMemoryError:
             return False
         finally:
-            del extra
+            del trainer
             gc.collect()
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -365,20 +356,6 @@ def run_cap(spec: dict) -> dict:
     return {"shape": spec["shape"], "path": spec["path"], "attn": spec.get("attn", "sdpa"),
             "liger": bool(spec.get("liger", False)), "cap_gib": spec["cap_gib"],
             "allocator_cap_gib": spec["cap_gib"] - 1.0, **found}
-
-
-def _retrain(peft_model, spec: dict, rows: list[dict], n: int, out: str) -> dict:
-    import datasets
-    from transformers import AutoTokenizer
-
-    from train.tiny import ensure_tiny_model
-    from train.trainer import StageSFTTrainer, build_sft_config
-
-    recipe = ours_recipe(spec["attn"], spec["liger"], n, 2, out)
-    trainer = StageSFTTrainer(model=peft_model, args=build_sft_config(recipe, out, False),
-                              train_dataset=datasets.Dataset.from_list(rows),
-                              processing_class=AutoTokenizer.from_pretrained(ensure_tiny_model()))
-    return {"trainer": trainer}
 
 
 # ---------------------------------------------------------------------------------------------

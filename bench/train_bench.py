@@ -80,6 +80,17 @@ def _rows(kind: str, n: int, max_length: int, vocab: int) -> list[dict]:
     return out
 
 
+# The baselines' LoRA targets: every projection, as our recipes do.
+ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def padded_labels(row: dict) -> dict:
+    """A bench row as a plain script feeds it: mask of ones, prompt labels -100 (the collator pads)."""
+    ids = row["input_ids"]
+    return {"input_ids": ids, "attention_mask": [1] * len(ids),
+            "labels": [t if m else -100 for t, m in zip(ids, row["completion_mask"], strict=True)]}
+
+
 class _Timer:
     """Times optimizer steps after `warmup` and counts real tokens of the timed steps."""
 
@@ -144,14 +155,9 @@ def _run_baseline(rows, tiny, tokenizer, rows_per_batch, steps, warmup, out) -> 
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
-    def to_labels(r):
-        return {"input_ids": r["input_ids"], "attention_mask": [1] * len(r["input_ids"]),
-                "labels": [t if m else -100 for t, m in zip(r["input_ids"], r["completion_mask"], strict=True)]}
-
-    ds = datasets.Dataset.from_list([to_labels(r) for r in rows])
+    ds = datasets.Dataset.from_list([padded_labels(r) for r in rows])
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32),
-                           LoraConfig(r=16, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj",
-                                                                           "gate_proj", "up_proj", "down_proj"]))
+                           LoraConfig(r=16, lora_alpha=16, target_modules=ALL_PROJECTIONS))
     timer = _Timer(warmup)
     args = TrainingArguments(output_dir=out, per_device_train_batch_size=rows_per_batch, max_steps=steps,
                              logging_steps=1000, save_steps=100000, report_to=[], use_cpu=True, learning_rate=2e-4,

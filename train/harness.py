@@ -61,12 +61,12 @@ def check_target(target: str) -> None:
 
 
 def load_target(target: str):
-    """(model, tokenizer, lineage) of a stage folder, a merged folder, or a base model id/folder."""
+    """(model, tokenizer, lineage) of a stage folder, a merged folder, or a base model id/folder (after
+    check_target)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from train.generate import load_stage_model
 
-    check_target(target)
     path = Path(target)
     if (path / "stage.json").is_file():
         model, tokenizer, _ = load_stage_model(path)
