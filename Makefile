@@ -20,7 +20,7 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS ?=
 
-.PHONY: install install-export merge export eval demo demo-fast test test-slow test-dist test-gpu test-all lint constraints bench bench-gpu install-gpu lm-eval \
+.PHONY: install install-export merge export eval demo demo-fast test test-fast test-slow test-dist test-gpu lint format docs constraints bench bench-gpu install-gpu lm-eval \
         data-stage1 data-stage2 train-stage1 train-stage2 train clean
 
 install: $(VENV)/.installed
@@ -95,8 +95,14 @@ demo-fast: install-export
 test: install-export
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
+# The edit loop: unit tests only, no model training (under 2 minutes on 2 cores).
+test-fast: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not dist and not e2e"
+
+# pytest exits 5 when a marker selects no test: that is not a failure here.
 test-slow: install-export
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slow; rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "no tests are marked slow"; else exit $$rc; fi
 
 test-dist: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m dist
@@ -121,8 +127,19 @@ bench: install
 bench-gpu: install-gpu
 	$(BIN)/python -m bench.gpu_bench $(ARGS)
 
+# Lint: ruff's rules and formatting everywhere, types where the foundations are (train/core, data_prep).
 lint: install
 	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy train/core data_prep
+
+format: install
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
+
+# Generated documentation: the recipe reference comes from the config dataclasses (a test keeps it equal).
+docs: install
+	$(BIN)/python -m train recipe-help --markdown > docs/recipe-reference.md
 
 constraints: install
 	{ head -n 2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -vE '^(torch|nvidia|triton)'; echo "torch==$(TORCH_VERSION)"; } > constraints.new && mv constraints.new constraints.txt
@@ -145,6 +162,8 @@ train-stage1 train-stage2 train: install
 	@strategy=$(STRATEGY); \
 	if [ "$$strategy" = auto ]; then strategy=$$($(BIN)/python -m train pick-strategy $(RECIPE) --gpus $(GPUS) $(if $(GPU_MEMORY_GB),--gpu-memory-gb $(GPU_MEMORY_GB))) || exit 2; fi; \
 	test -f accelerate_configs/$$strategy.yaml || { echo "error: no accelerate_configs/$$strategy.yaml (available: $$(ls accelerate_configs/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ') auto)"; exit 2; }; \
+	$(BIN)/python -m train check-launch $(RECIPE) $(ARGS) --strategy $$strategy --processes $$(( $(GPUS) * $(NODES) )) \
+	  --config-file accelerate_configs/$$strategy.yaml || exit 2; \
 	$(BIN)/accelerate launch --config_file accelerate_configs/$$strategy.yaml \
 	  --num_processes $$(( $(GPUS) * $(NODES) )) --num_machines $(NODES) --machine_rank $(NODE_RANK) \
 	  --main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT) \

@@ -51,8 +51,8 @@ def run_one(rows_path: str, near: str, out_dir: str) -> dict:
     import time
 
     from data_prep.build import build
-    from train.config import recipe_from_dict
-    from train.model import load_tokenizer
+    from train.core.config import recipe_from_dict
+    from train.models.loading import load_tokenizer
 
     recipe = recipe_from_dict({"stage": "bench", "output_dir": out_dir, "data": {
         "sources": [{"name": "ko", "path": rows_path, "schema": "kocommercial"}], "template": "reasoning",

@@ -124,12 +124,12 @@ def random_state_dict(config, dtype, seed: int = 0) -> dict:
 
 
 def load_random_model(shape: str, model_cfg):
-    """The model as our loader builds it (train.model's quantization config), weights random."""
+    """The model as our loader builds it (train.models.loading's quantization config), weights random."""
     import torch
     from transformers import Qwen2ForCausalLM
 
-    import train.attention  # noqa: F401  (registers sdpa_packed)
-    from train.model import quantization_config, torch_dtype
+    import train.models.attention  # noqa: F401  (registers sdpa_packed)
+    from train.models.loading import quantization_config, torch_dtype
 
     dtype = torch_dtype(model_cfg.dtype)
     config = qwen2_config(shape, model_cfg.attn_implementation)
@@ -198,7 +198,7 @@ def _counting(trainer, clock: StepClock) -> None:
 
 def ours_recipe(attn: str, liger: bool, tokens: int, steps: int, out: str):
     """recipes/stage1_medical.yaml as shipped, with this variant's kernels and one pack of `tokens` per step."""
-    from train.config import load_recipe
+    from train.core.config import load_recipe
 
     return load_recipe(REPO / "recipes" / "stage1_medical.yaml", [
         f"model.attn_implementation={attn}", f"model.use_liger={str(liger).lower()}", f"output_dir={out}",
@@ -213,9 +213,9 @@ def run_ours(shape: str, attn: str, liger: bool, rows: list[dict], tokens: int, 
     import datasets
     from transformers import AutoTokenizer
 
-    from train.model import peft_lora_config
-    from train.tiny import ensure_tiny_model
-    from train.trainer import StageSFTTrainer, build_sft_config
+    from train.methods.trainers import StageSFTTrainer, build_sft_config
+    from train.models.loading import peft_lora_config
+    from train.models.tiny import ensure_tiny_model
 
     recipe = ours_recipe(attn, liger, tokens, steps, out)
     clock = StepClock(warmup)
@@ -236,8 +236,8 @@ def run_baseline(shape: str, rows: list[dict], tokens: int, steps: int, warmup: 
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     from bench.train_bench import ALL_PROJECTIONS, padded_labels
-    from train.config import ModelConfig
-    from train.tiny import ensure_tiny_model
+    from train.core.config import ModelConfig
+    from train.models.tiny import ensure_tiny_model
 
     cuda = torch.cuda.is_available()
     model_cfg = ModelConfig(dtype="bfloat16", quantization="nf4", double_quant=True,

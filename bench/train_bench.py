@@ -117,10 +117,10 @@ def _run_ours(rows, tiny, tokenizer, max_length, batch_tokens, steps, warmup, ou
     import torch
     from transformers import AutoModelForCausalLM
 
-    import train.attention  # noqa: F401  (registers sdpa_packed)
-    from train.config import recipe_from_dict
-    from train.model import peft_lora_config
-    from train.trainer import StageSFTTrainer, build_sft_config
+    import train.models.attention  # noqa: F401  (registers sdpa_packed)
+    from train.core.config import recipe_from_dict
+    from train.methods.trainers import StageSFTTrainer, build_sft_config
+    from train.models.loading import peft_lora_config
 
     # Same precision and no activation checkpointing on both sides: only the data path differs.
     recipe = recipe_from_dict({"stage": "bench", "output_dir": out,
@@ -179,7 +179,7 @@ def _run_baseline(rows, tiny, tokenizer, rows_per_batch, steps, warmup, out) -> 
 def throughput(kind: str, rounds: int, out: str) -> dict:
     from transformers import AutoTokenizer
 
-    from train.tiny import ensure_tiny_model
+    from train.models.tiny import ensure_tiny_model
 
     tiny = ensure_tiny_model()
     tokenizer = AutoTokenizer.from_pretrained(tiny)
@@ -221,7 +221,7 @@ def ce_memory(path: str) -> dict:
         from transformers import AutoTokenizer
         from trl import SFTConfig, SFTTrainer
 
-        from train.tiny import ensure_tiny_model
+        from train.models.tiny import ensure_tiny_model
 
         trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="/tmp/ce-bench", use_cpu=True, report_to=[],
                                                          max_length=seq),

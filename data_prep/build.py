@@ -22,14 +22,14 @@ from data_prep import dedup
 from data_prep.schemas import Record, canonicalize
 from data_prep.sources import Reject, eval_texts, iter_source, local_files, resolve_local
 from data_prep.templates import Rendered, render_texts, tokenize_pairs
-from train.config import Recipe
-from train.errors import UserError
-from train.logging_utils import get_logger
+from train.core.config import Recipe
+from train.core.errors import UserError
+from train.core.log import get_logger
+from train.core.paths import REPO_ROOT
 
 log = get_logger("data_prep")
 
 PIPELINE_VERSION = 2  # bump when the build changes what it writes
-REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
 def processed_dir(recipe: Recipe) -> Path:
@@ -303,6 +303,19 @@ def format_report(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def processed_state(recipe: Recipe, tokenizer) -> str:
+    """'fresh' when the processed data matches the recipe, its files and the tokenizer; else why not."""
+    path = processed_dir(recipe) / "manifest.json"
+    manifest = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+    expected = fingerprint(recipe, tokenizer)
+    if manifest is None:
+        return "missing"
+    if manifest.get("fingerprint") != expected:
+        return (f"stale (fingerprint {manifest.get('fingerprint')} != {expected}: a source, the data settings or "
+                "the tokenizer changed)")
+    return "fresh"
+
+
 def load_processed(recipe: Recipe, tokenizer, allow_build: bool):
     """The processed train/eval datasets (input_ids + completion_mask) and their manifest.
 
@@ -314,20 +327,16 @@ def load_processed(recipe: Recipe, tokenizer, allow_build: bool):
     import pyarrow.parquet as pq
 
     out = processed_dir(recipe)
-    expected = fingerprint(recipe, tokenizer)
-    manifest_path = out / "manifest.json"
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if manifest_path.is_file() else None
-    if manifest is None or manifest.get("fingerprint") != expected:
-        state = "missing" if manifest is None else (
-            f"stale (fingerprint {manifest.get('fingerprint')} != {expected}: a source, the data settings or "
-            "the tokenizer changed)"
-        )
+    state = processed_state(recipe, tokenizer)
+    if state != "fresh":
         if not allow_build:
             raise UserError(f"processed data in {out} is {state}; run `python -m data_prep {recipe.source_path}` "
                             "before launching")
         log.info("processed data in %s is %s: building it", out, state)
         manifest = build(recipe, tokenizer)
         log.info("\n%s", format_report(manifest))
+    else:
+        manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
 
     def read(name: str):
         table = pq.read_table(out / name, columns=["input_ids", "completion_mask"])

@@ -29,11 +29,13 @@ from pathlib import Path
 from typing import Literal
 
 from data_prep.sandbox import Limits, run_sandboxed
-from train.errors import UserError
-from train.logging_utils import get_logger
+from train.core.errors import UserError
+from train.core.formats import THINK_BLOCK
+from train.core.log import get_logger
+from train.core.paths import REPO_ROOT
+from train.core.typed_config import build_config, read_yaml
 
 log = get_logger("codeio")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 OUTPUT_Q = ("You are given a Python function and an input. Predict the exact output of `main` for this input. "
             "Think it through step by step, then give the output as JSON after 'Answer:'.\n\n```python\n{code}\n```"
             "\n\nInput (keyword arguments as JSON): {input}")
@@ -71,10 +73,8 @@ class CodeIOSpec:
     teacher: TeacherConfig = field(default_factory=TeacherConfig, metadata={"help": "Who writes reasoning."})
 
 
-def load_spec(path: str | Path) -> CodeIOSpec:
-    from train.config import build_config, read_yaml
-
-    return build_config(CodeIOSpec, read_yaml(path, "CodeI/O spec"), str(path))
+def load_spec(path: str | Path, overrides: list[str] | None = None) -> CodeIOSpec:
+    return build_config(CodeIOSpec, read_yaml(path, "CodeI/O spec"), str(path), overrides)
 
 
 def _literal_inputs(code: str) -> list[dict] | None:
@@ -87,8 +87,6 @@ def _literal_inputs(code: str) -> list[dict] | None:
 
 def parse_answer(text: str):
     """The JSON after the last 'Answer:' (reasoning stripped), or None."""
-    from train.qa_metrics import THINK_BLOCK
-
     text = THINK_BLOCK.sub("", text)
     if "Answer:" not in text:
         return None
@@ -120,9 +118,10 @@ class Teacher:
     def __init__(self, cfg: TeacherConfig):
         self.cfg = cfg
         if cfg.kind == "local":
-            from train.config import DecodingConfig
-            from train.evaluation import make_generator, resolve_targets
-            from train.model import resolve_model_path
+            from train.core.config import DecodingConfig
+            from train.inference.generate import make_generator
+            from train.inference.targets import resolve_targets
+            from train.models.loading import resolve_model_path
 
             (target,) = resolve_targets([resolve_model_path(cfg.model or "tiny")], checkpoints=False)
             self.generator = make_generator(target)

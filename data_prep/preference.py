@@ -20,13 +20,13 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 from data_prep.sources import Reject, iter_source
-from data_prep.templates import render_prompt
-from train.config import Recipe
-from train.errors import UserError
-from train.logging_utils import get_logger, is_main_process
+from train.core.config import Recipe
+from train.core.errors import UserError
+from train.core.formats import render_prompt
+from train.core.log import get_logger, is_main_process
+from train.core.paths import REPO_ROOT
 
 log = get_logger("preference_data")
-REPO_ROOT = Path(__file__).resolve().parent.parent
 FIELDS = {"preference": ("prompt", "chosen", "rejected"), "ratings": ("prompt", "response", "rating"),
           "verifiable": ("question", "answer")}
 

@@ -15,9 +15,8 @@ import re
 from dataclasses import dataclass
 
 from data_prep.sources import RawRow, Reject
-from train.config import SourceConfig
-
-THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
+from train.core.config import SourceConfig
+from train.core.formats import THINK_CLOSE, THINK_OPEN
 
 KO_TO_EN = "다음 한국어 문장을 영어로 번역하세요.\n{text}"
 EN_TO_KO = "Translate the following English sentence into Korean.\n{text}"

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from train.config import SourceConfig
-from train.errors import UserError
+from train.core.config import SourceConfig
+from train.core.errors import UserError
 
 LOCAL_SUFFIXES = {".json", ".jsonl", ".parquet", ".csv", ".xlsx"}
 
@@ -164,7 +164,7 @@ def _iter_hub(source: SourceConfig, path: str) -> Iterator[RawRow]:
     """A Hub dataset through `datasets.load_dataset` (cached locally after the first download)."""
     import datasets
 
-    from train.hub import offline_unless_hub_reachable
+    from train.core.hub import offline_unless_hub_reachable
 
     offline_unless_hub_reachable()
     try:

@@ -1,21 +1,7 @@
 """Render a canonical record into (prompt, completion) text and token ids with a loss mask.
 
-Two templates:
-- `reasoning`: the team's notebook template (DESIGN.md, stage 1):
-
-      ### Instruction:
-      {system}
-
-      ### Question:
-      {question}
-
-      ### Response:
-      <think>
-      {reasoning}
-      </think>
-      {answer}<eos>
-
-- `chat`: the tokenizer's own chat template (R1-distill: `<｜User｜>...<｜Assistant｜><think>\\n`).
+The prompt comes from the stage's template (train/core/formats.py: `reasoning` or the tokenizer's
+`chat` template); the completion is `<think>\n{reasoning}\n</think>\n{answer}` and EOS.
 
 The prompt and the completion are tokenized separately and concatenated. The prompt's ids are
 then exactly what the model is given at inference (prompt alone, as `generate` tokenizes it),
@@ -28,10 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from data_prep.schemas import THINK_CLOSE, THINK_OPEN, Record
-from train.errors import UserError
-
-REASONING_PROMPT = "### Instruction:\n{system}\n\n### Question:\n{question}\n\n### Response:\n"
+from data_prep.schemas import Record
+from train.core.errors import UserError
+from train.core.formats import THINK_CLOSE, THINK_OPEN, render_prompt
 
 
 @dataclass
@@ -48,48 +33,6 @@ class Rendered:
     @property
     def completion_mask(self) -> list[int]:
         return [0] * len(self.prompt_ids) + [1] * len(self.completion_ids)
-
-
-def render_prompt(question: str, system: str, template: str, tokenizer) -> str:
-    """The prompt text for a question, exactly as training renders it (used by generation too)."""
-    if template == "reasoning":
-        bos = tokenizer.bos_token or ""
-        return bos + REASONING_PROMPT.format(system=system, question=question)
-    if template == "chat":
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(
-                f"data.template is 'chat' but tokenizer '{tokenizer.name_or_path}' has no chat template; "
-                "use data.template: reasoning"
-            )
-        messages = [{"role": "user", "content": question}]
-        if system:
-            messages.insert(0, {"role": "system", "content": system})
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    raise UserError(f"unknown template '{template}' (use reasoning or chat)")
-
-
-def reasoning_chat_template(default_system: str) -> str:
-    """A Jinja chat template that renders exactly what the `reasoning` template trains on.
-
-    Written here because no tokenizer ships one: a merged or GGUF model of a reasoning-template
-    stage must be prompted the way it was trained, and chat front ends (llama.cpp, Ollama,
-    transformers pipelines) read the tokenizer's chat template. A conversation of one question
-    renders to `render_prompt(question, system, "reasoning", tokenizer)`; each assistant turn is
-    its content followed by EOS, as in training; later questions repeat the Question/Response pair.
-    """
-    system = default_system.replace("\\", "\\\\").replace("'", "\\'").replace("\n", "\\n")
-    return (
-        "{%- set ns = namespace(system='" + system + "') -%}"
-        "{%- for m in messages if m['role'] == 'system' -%}{%- set ns.system = m['content'] -%}{%- endfor -%}"
-        "{{- bos_token if bos_token else '' -}}"
-        "{{- '### Instruction:\\n' + ns.system + '\\n\\n' -}}"
-        "{%- for m in messages -%}"
-        "{%- if m['role'] == 'user' -%}{{- '### Question:\\n' + m['content'] + '\\n\\n### Response:\\n' -}}"
-        "{%- elif m['role'] == 'assistant' -%}{{- m['content'] + eos_token -}}"
-        "{%- if not loop.last -%}{{- '\\n\\n' -}}{%- endif -%}"
-        "{%- endif -%}"
-        "{%- endfor -%}"
-    )
 
 
 def render_completion(record: Record, prompt: str, empty_think: bool) -> str:

@@ -29,7 +29,7 @@ def _one_thread():
 
 @pytest.fixture(scope="session")
 def tiny_dir() -> Path:
-    from train.tiny import ensure_tiny_model
+    from train.models.tiny import ensure_tiny_model
 
     return ensure_tiny_model()
 
@@ -57,7 +57,7 @@ def stage1_dict(tmp_path) -> dict:
 
 
 def make_recipe(data: dict, overrides: list[str] | None = None):
-    from train.config import recipe_from_dict
+    from train.core.config import recipe_from_dict
 
     return recipe_from_dict(copy.deepcopy(data), "test-recipe", overrides)
 
@@ -72,7 +72,7 @@ def write_jsonl(path: Path, rows: list) -> Path:
 def train_tiny_stage(recipe_name: str, out: Path, data_dir: Path, parent: Path | None = None,
                      model: dict | None = None, **training) -> dict:
     """Train a shipped tiny recipe briefly into `out` (max_length 256, no intermediate checkpoints)."""
-    from train.sft import run_sft
+    from train.methods.sft import run_sft
 
     data = copy.deepcopy(recipe_dict(recipe_name))
     data.update(output_dir=str(out), parent=str(parent) if parent else None)

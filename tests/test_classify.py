@@ -11,7 +11,9 @@ import yaml
 from conftest import REPO, write_jsonl
 from safetensors.torch import load_file
 
-from train.classify import (
+from train.core.errors import UserError
+from train.evaluation.cls_metrics import multilabel_metrics, tune_thresholds
+from train.methods.classification import (
     ClassificationRecipe,
     export_onnx,
     load_classification_recipe,
@@ -19,8 +21,8 @@ from train.classify import (
     resolve_encoder,
     run_classification,
 )
-from train.cls_metrics import multilabel_metrics, tune_thresholds
-from train.errors import UserError
+
+pytestmark = pytest.mark.e2e
 
 RECIPE = REPO / "recipes" / "classify" / "minilm_keywords.yaml"
 LABELS = ["cardiac", "respiratory", "endocrine", "digestive"]
@@ -67,7 +69,7 @@ def trained(tmp_path_factory):
 def test_finetuned_beats_untrained_and_reports_every_metric(trained, tmp_path):
     from transformers import AutoTokenizer
 
-    from train.classify import build_model
+    from train.methods.classification import build_model
 
     recipe, report = trained
     m = report["metrics"]
@@ -164,7 +166,7 @@ def test_recipe_mistakes_are_named(tmp_path):
 def test_positive_class_weights_scale_the_loss_of_positives():
     import torch
 
-    from train.classify import _trainer_class
+    from train.methods.classification import _trainer_class
 
     class Model(torch.nn.Module):  # a fixed-logit stand-in: only the loss arithmetic is under test
         def forward(self, **inputs):

@@ -10,7 +10,7 @@ import pytest
 import yaml
 from conftest import REPO, write_jsonl
 
-from train.__main__ import main as train_main
+from train.cli import main as train_main
 
 
 def run_cli(capsys, argv) -> str:
@@ -100,7 +100,7 @@ def test_reachable_hub_stays_online(monkeypatch):
 
     import huggingface_hub.constants as hub_constants
 
-    from train.hub import offline_unless_hub_reachable
+    from train.core.hub import offline_unless_hub_reachable
 
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))

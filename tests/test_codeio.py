@@ -93,7 +93,7 @@ def test_teacher_path_with_the_tiny_local_model(tmp_path):
 
 def test_openai_teacher_needs_its_key_from_the_environment(monkeypatch, tmp_path):
     from data_prep.codeio import Teacher
-    from train.errors import UserError
+    from train.core.errors import UserError
 
     monkeypatch.delenv("CODEIO_TEST_KEY", raising=False)
     with pytest.raises(UserError, match=r"\$CODEIO_TEST_KEY"):

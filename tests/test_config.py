@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from conftest import REPO, make_recipe
 
-from train.config import load_recipe
-from train.errors import UserError
+from train.core.config import load_recipe
+from train.core.errors import UserError
 
 SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
 
@@ -27,7 +27,7 @@ def test_every_shipped_recipe_loads(path: Path):
         assert load_spec(path).functions_dir
         return
     if "classify" in path.parts:  # encoder classification recipes (python -m train classify)
-        from train.classify import load_classification_recipe
+        from train.methods.classification import load_classification_recipe
 
         recipe = load_classification_recipe(path)
         assert recipe.stage and recipe.data.train
@@ -103,7 +103,7 @@ def test_cross_field_checks_say_how_to_fix(stage1_dict, change, message):
 
 
 def test_sft_args_are_checked_against_trl(stage1_dict, tmp_path):
-    from train.trainer import build_sft_config
+    from train.methods.trainers import build_sft_config
 
     stage1_dict["training"]["sft_args"] = {"hub_token": "hf_sentinel"}
     with pytest.raises(UserError, match="tokens are read from the environment"):

@@ -9,7 +9,7 @@ import pytest
 from conftest import make_recipe, write_jsonl
 
 from data_prep.build import build, fingerprint, load_processed
-from train.errors import UserError
+from train.core.errors import UserError
 
 GOOD = {"Question": "A 45-year-old man has chest pain. Diagnosis?", "Complex_CoT": "Chest pain suggests ischemia.",
         "Response": "Myocardial infarction."}

@@ -8,6 +8,8 @@ import pytest
 
 from train.demo import format_report, run_demo
 
+pytestmark = pytest.mark.e2e
+
 REQUIRED = {"train_loss_first", "train_loss_last", "train_tokens", "padding_efficiency", "seconds", "output_dir"}
 
 

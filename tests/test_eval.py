@@ -12,9 +12,12 @@ import pytest
 import yaml
 from conftest import REPO, make_recipe, write_jsonl
 
-from train.config import DecodingConfig, recipe_from_dict
-from train.errors import UserError
-from train.evaluation import Target, format_eval, load_examples, parse_decoding, run_eval
+from train.core.config import DecodingConfig, recipe_from_dict
+from train.core.errors import UserError
+from train.evaluation.task_eval import format_eval, load_examples, parse_decoding, run_eval
+from train.inference.targets import Target
+
+pytestmark = pytest.mark.e2e
 
 QA_RECIPE = REPO / "recipes" / "tiny" / "qa_context.yaml"
 
@@ -22,7 +25,7 @@ QA_RECIPE = REPO / "recipes" / "tiny" / "qa_context.yaml"
 @pytest.fixture(scope="module")
 def qa_stage(tmp_path_factory):
     """The tiny QA recipe trained for 60 steps with checkpoints at 20, 40, 60."""
-    from train.sft import run_sft
+    from train.methods.sft import run_sft
 
     root = tmp_path_factory.mktemp("qa")
     data = yaml.safe_load(QA_RECIPE.read_text(encoding="utf-8"))
@@ -38,8 +41,8 @@ def untrained_adapter(qa_stage, tmp_path_factory):
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from train.model import peft_lora_config
-    from train.tiny import ensure_tiny_model
+    from train.models.loading import peft_lora_config
+    from train.models.tiny import ensure_tiny_model
 
     recipe = recipe_from_dict(json.loads((qa_stage / "stage.json").read_text())["recipe"])
     out = tmp_path_factory.mktemp("untrained")
@@ -59,7 +62,7 @@ def _cfg(qa_stage, **changes):
 
 def test_trained_model_beats_untrained_and_best_checkpoint_is_written(qa_stage, untrained_adapter, tmp_path,
                                                                      monkeypatch):
-    import train.evaluation as evaluation
+    import train.evaluation.task_eval as evaluation
 
     cfg = _cfg(qa_stage, decodings=[DecodingConfig(name="greedy", max_new_tokens=12),
                                     DecodingConfig(name="beam2", num_beams=2, num_return_sequences=2,
@@ -89,7 +92,7 @@ def test_trained_model_beats_untrained_and_best_checkpoint_is_written(qa_stage, 
     assert all(len(r["completions"]) == 2 for r in beam_rows)  # every candidate kept
     assert "ensemble vote (10 members)" in format_eval(report)
 
-    from train.merge import merge_stage
+    from train.export.merge import merge_stage
 
     merged = merge_stage(qa_stage, tmp_path / "merged_best", adapter="best", dtype="float32")
     assert merged["adapter"] == best["adapter"]
@@ -162,8 +165,8 @@ def test_generate_cli_reads_jsonl_and_writes_candidates(qa_stage, tmp_path):
 
 @pytest.mark.export
 def test_eval_runs_on_a_gguf_file(qa_stage, tmp_path):
-    from train.export import export_gguf
-    from train.merge import merge_stage
+    from train.export.gguf import export_gguf
+    from train.export.merge import merge_stage
 
     merge_stage(qa_stage, tmp_path / "merged", dtype="float32")
     export = export_gguf(tmp_path / "merged", ["q8_0"])

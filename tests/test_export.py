@@ -12,8 +12,11 @@ import pytest
 import torch
 from conftest import REPO, make_recipe, recipe_dict, train_tiny_stage
 
-from train.errors import UserError
-from train.merge import merge_stage, text_logits
+from train.core.errors import UserError
+from train.export.merge import merge_stage
+from train.export.parity import text_logits
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +62,7 @@ def test_merge_chain_equals_base_plus_every_adapter_in_order(lineage, merged32, 
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train.generate import load_stage_model
+    from train.inference.hf import load_stage_model
 
     report = json.loads((merged32 / "merge_report.json").read_text())
     assert report["merged_vs_base_plus_adapter"]["relative_diff"] < 1e-4
@@ -78,7 +81,7 @@ def test_merge_chain_equals_base_plus_every_adapter_in_order(lineage, merged32, 
 def test_merged_folder_is_complete_and_prompts_like_training(merged):
     from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
-    from data_prep.templates import render_prompt
+    from train.core.formats import render_prompt
 
     out = merged
     report = json.loads((out / "merge_report.json").read_text())
@@ -103,13 +106,13 @@ def test_dequantize_merges_into_the_weights_training_saw(lineage, merged32, toke
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from train.model import quantization_config
+    from train.models.loading import pin_4bit_cpu_path, quantization_config
 
     recipe = make_recipe(json.loads((lineage / "stage2" / "stage.json").read_text())["recipe"])
-    trained = PeftModel.from_pretrained(
-        AutoModelForCausalLM.from_pretrained(lineage / "stage2" / "parent_merged", dtype=torch.float32,
-                                             quantization_config=quantization_config(recipe.model)),
-        str(lineage / "stage2" / "adapter"))
+    base = AutoModelForCausalLM.from_pretrained(lineage / "stage2" / "parent_merged", dtype=torch.float32,
+                                                quantization_config=quantization_config(recipe.model))
+    pin_4bit_cpu_path(base)  # the 4-bit path training ran on (as load_model_for_training loads it), on any CPU
+    trained = PeftModel.from_pretrained(base, str(lineage / "stage2" / "adapter"))
     reference = _logits(trained, tokenizer, TEXTS)
     merge_stage(lineage / "stage2", lineage / "merged_dq", dtype="float32", dequantize=True)
     dequantized = _max_diff(reference, _logits(lineage / "merged_dq", tokenizer, TEXTS))
@@ -163,7 +166,7 @@ def test_push_to_hub_without_a_token_fails_before_any_work(lineage, tmp_path):
 
 @pytest.mark.export
 def test_gguf_export_matches_transformers(merged):
-    from train.export import export_gguf
+    from train.export.gguf import export_gguf
 
     report = export_gguf(merged, ["f16", "q8_0", "q4_k_m"])
     files = report["files"]
@@ -189,7 +192,7 @@ def test_q4_k_m_fallback_on_small_rows_is_reported(tmp_path, tiny_dir):
     """Rows of 64 values cannot hold a 256-value k-quant block: llama.cpp falls back; we say so."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from train.export import export_gguf
+    from train.export.gguf import export_gguf
 
     config = AutoConfig.from_pretrained(tiny_dir, hidden_size=64, intermediate_size=128, num_attention_heads=4,
                                         num_key_value_heads=2, head_dim=16, initializer_range=0.05)
@@ -209,7 +212,7 @@ def test_converter_still_refuses_a_tokenizer_it_cannot_identify(merged, tmp_path
     """The wrapper answers 'qwen2' only for Qwen2's exact split; any other unknown tokenizer fails as upstream."""
     import shutil
 
-    from train.export import export_gguf
+    from train.export.gguf import export_gguf
 
     odd = tmp_path / "odd"
     shutil.copytree(merged, odd, ignore=shutil.ignore_patterns("gguf"))
@@ -222,7 +225,7 @@ def test_converter_still_refuses_a_tokenizer_it_cannot_identify(merged, tmp_path
 
 
 def test_export_input_errors_name_the_problem(tmp_path, merged):
-    from train.export import export_gguf, find_llama_cpp
+    from train.export.gguf import export_gguf, find_llama_cpp
 
     with pytest.raises(UserError, match="not a merged model folder"):
         export_gguf(tmp_path, ["f16"])

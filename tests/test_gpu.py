@@ -16,9 +16,9 @@ from conftest import make_recipe
 from test_training import _sequence_logits
 
 from data_prep.build import load_processed
-from train.model import load_model_for_training, load_tokenizer, peft_lora_config
-from train.sft import run_sft
-from train.trainer import StageSFTTrainer, build_sft_config
+from train.methods.sft import run_sft
+from train.methods.trainers import StageSFTTrainer, build_sft_config
+from train.models.loading import load_model_for_training, load_tokenizer, peft_lora_config
 
 pytestmark = pytest.mark.gpu
 
@@ -39,7 +39,7 @@ def gpu_stage1(stage1_dict) -> dict:
 def test_packed_equals_unpacked_on_gpu(gpu_stage1, tiny_dir, tmp_path, attention):
     from transformers import AutoModelForCausalLM
 
-    import train.attention  # noqa: F401
+    import train.models.attention  # noqa: F401
 
     recipe = make_recipe(gpu_stage1)
     tokenizer = load_tokenizer(recipe.model)

@@ -21,6 +21,7 @@ from bench.gpu_bench import (
     train_flops,
 )
 
+pytestmark = pytest.mark.e2e
 
 @pytest.mark.parametrize("shape, billions", [("qwen2.5-7b", 7.6), ("qwen2.5-32b", 32.8)])
 def test_matmul_params_match_the_model_built_from_the_config(shape, billions):
@@ -56,7 +57,7 @@ def test_random_state_dict_shares_one_buffer_and_loads_quantized():
     import bitsandbytes as bnb
     import bitsandbytes.functional as F
 
-    from train.config import ModelConfig
+    from train.core.config import ModelConfig
 
     config = qwen2_config("tiny", "sdpa")
     state = random_state_dict(config, torch.bfloat16)

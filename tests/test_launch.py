@@ -6,8 +6,15 @@ import pytest
 from conftest import make_recipe
 from transformers import Qwen2Config
 
-from train.errors import UserError
-from train.launch import Launch, check_launch, detect_launch, gradient_accumulation, parameter_count, pick_strategy
+from train.core.errors import UserError
+from train.methods.launch import (
+    Launch,
+    check_launch,
+    detect_launch,
+    gradient_accumulation,
+    parameter_count,
+    pick_strategy,
+)
 
 QWEN_32B = Qwen2Config(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
                        intermediate_size=27648, vocab_size=152064)

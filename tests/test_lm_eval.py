@@ -10,8 +10,10 @@ import pytest
 import torch
 from conftest import train_tiny_stage
 
-from train.errors import UserError
-from train.harness import run_lm_eval
+from train.core.errors import UserError
+from train.evaluation.lm_eval import run_lm_eval
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +36,8 @@ def _continuation_logprob(model, tokenizer, context: str, continuation: str) -> 
 def test_stage_loglikelihoods_are_the_merged_models_and_differ_from_the_base(medical_stage, tmp_path):
     from transformers import AutoModelForCausalLM
 
-    from train.generate import load_stage_model
-    from train.tiny import ensure_tiny_model
+    from train.inference.hf import load_stage_model
+    from train.models.tiny import ensure_tiny_model
 
     report = run_lm_eval(str(medical_stage), ["kormedmcqa_sample"], tmp_path / "lme", log_samples=True)
     scores = report["results"]["kormedmcqa_sample"]
@@ -62,7 +64,7 @@ def test_stage_loglikelihoods_are_the_merged_models_and_differ_from_the_base(med
 
 
 def test_cli_writes_into_the_stage_folder_and_bad_requests_fail_before_loading(medical_stage, tmp_path, capsys):
-    from train.__main__ import main
+    from train.cli import main
 
     main(["lm-eval", str(medical_stage), "--tasks", "kormedmcqa_sample", "--limit", "3"])
     out = capsys.readouterr().out
@@ -71,7 +73,7 @@ def test_cli_writes_into_the_stage_folder_and_bad_requests_fail_before_loading(m
     assert saved["n_samples"]["kormedmcqa_sample"]["effective"] == 3
     with pytest.raises(UserError, match="unknown lm-eval task"):
         run_lm_eval(str(medical_stage), ["kormedmcqa_sampel"], tmp_path)
-    from train.tiny import ensure_tiny_model  # a model folder (merged or base) is scored as it is
+    from train.models.tiny import ensure_tiny_model  # a model folder (merged or base) is scored as it is
 
     base = run_lm_eval(str(ensure_tiny_model()), ["kormedmcqa_sample"], tmp_path / "base", limit=2)
     assert base["target"] == {"model": str(ensure_tiny_model())} and base["n_samples"]["kormedmcqa_sample"][

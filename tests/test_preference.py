@@ -9,8 +9,11 @@ import pytest
 import yaml
 from conftest import REPO, make_recipe, train_tiny_stage, write_jsonl
 
-from train.errors import UserError
-from train.preference import exact_answer_reward, format_reward, run_preference
+from train.core.errors import UserError
+from train.methods.preference import run_preference
+from train.methods.rewards import exact_answer_reward, format_reward
+
+pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +55,7 @@ def test_dpo_raises_the_chosen_rejected_margin(sft_parent):
     assert m["rewards/margins_last"] > m["rewards/margins_first"] and m["rewards/margins_last"] > 0.5, m
     assert (sft_parent / "dpo" / "adapter" / "adapter_model.safetensors").is_file()
     # merge takes a DPO stage like an SFT one (lineage: sft -> dpo)
-    from train.merge import merge_stage
+    from train.export.merge import merge_stage
 
     report = merge_stage(sft_parent / "dpo", sft_parent / "dpo_merged", dtype="float32")
     assert report["lineage"] == [str(sft_parent / "sft"), str(sft_parent / "dpo")]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.qa_metrics import (
+from train.evaluation.qa_metrics import (
     CleanupRules,
     aggregate,
     char_f1,

@@ -17,10 +17,12 @@ import torch
 from conftest import REPO, make_recipe
 from safetensors.torch import load_file
 
-from train.errors import UserError
-from train.reliability import checkpoint_problem, newest_complete_checkpoint
-from train.sft import run_sft
-from train.trainer import StageSFTTrainer
+from train.core.errors import UserError
+from train.methods.reliability import checkpoint_problem, newest_complete_checkpoint
+from train.methods.sft import run_sft
+from train.methods.trainers import StageSFTTrainer
+
+pytestmark = pytest.mark.e2e
 
 RECIPE = "recipes/tiny/stage1_medical.yaml"
 RUN = ["training.max_steps=8", "training.gradient_accumulation_steps=2", "training.per_device_train_batch_size=1",

@@ -74,7 +74,7 @@ def test_trl_keeps_our_tokens_and_mask(tokenizer, tiny_dir, tmp_path):
 
 
 def test_reasoning_chat_template_renders_the_training_prompt(tokenizer):
-    from data_prep.templates import reasoning_chat_template, render_prompt
+    from train.core.formats import reasoning_chat_template, render_prompt
 
     system = "You are a medical expert.\nAnswer in 'Korean' \\ English."  # newline, quotes, backslash survive
     tok = copy.deepcopy(tokenizer)

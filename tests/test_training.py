@@ -10,9 +10,11 @@ import torch
 from conftest import make_recipe
 
 from data_prep.build import load_processed
-from train.model import load_model_for_training, load_tokenizer
-from train.sft import run_sft
-from train.trainer import StageSFTTrainer, build_sft_config
+from train.methods.sft import run_sft
+from train.methods.trainers import StageSFTTrainer, build_sft_config
+from train.models.loading import load_model_for_training, load_tokenizer
+
+pytestmark = pytest.mark.e2e
 
 
 def _sequence_logits(model, batch) -> dict[tuple, torch.Tensor]:
@@ -89,6 +91,42 @@ def test_qlora_4bit_trains_on_cpu(stage1_dict):
     assert (tmp := recipe.output_dir) and json.load(open(f"{tmp}/stage.json"))["quantization"] == "nf4"
 
 
+def test_qlora_gradients_survive_an_evaluation(stage1_dict):
+    """An eval forward must not switch 4-bit layers to another kernel: on CPUs with AVX512-BF16,
+    bitsandbytes would repack them for a bf16 inference kernel without a backward, and training after
+    an evaluation (eval_steps) would stop passing gradients to the LoRA weights below them. The
+    reference is the same model's own gradient before the evaluation, so this holds on any CPU."""
+    from peft import get_peft_model
+
+    from train.models.loading import peft_lora_config
+
+    stage1_dict["model"]["quantization"] = "nf4"
+    recipe = make_recipe(stage1_dict)
+    model = get_peft_model(load_model_for_training(recipe), peft_lora_config(recipe.lora))
+    with torch.no_grad():  # LoRA B starts at zero; make every adapter matter
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0.0, 0.02)
+    ids = torch.tensor([list(range(5, 37))])
+
+    def step():
+        model.train()
+        model.zero_grad()
+        out = model(input_ids=ids, labels=ids, use_cache=False)
+        out.loss.backward()
+        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
+                                     if p.requires_grad and p.grad is not None}
+
+    logits_before, grads_before = step()
+    model.eval()
+    with torch.no_grad():
+        eval_logits = model(input_ids=ids, use_cache=False).logits
+    logits_after, grads_after = step()
+    assert float((eval_logits - logits_before).abs().max()) < 1e-4  # evaluation computes what training does
+    assert grads_after.keys() == grads_before.keys() and len(grads_before) == 4 * 7 * 2
+    assert all(torch.allclose(grads_after[n], grads_before[n], atol=1e-6) for n in grads_before)
+
+
 @pytest.fixture(scope="module")
 def trained_stage1(tmp_path_factory):
     from conftest import recipe_dict
@@ -153,9 +191,9 @@ def test_stage2_continues_from_stage1(trained_stage1, quantization):
 
 
 def test_a_stage_trained_on_another_build_of_the_embedded_model_is_refused(tmp_path):
-    from train.errors import UserError
-    from train.model import read_stage
-    from train.tiny import tiny_build_name
+    from train.core.errors import UserError
+    from train.models.lineage import read_stage
+    from train.models.tiny import tiny_build_name
 
     (tmp_path / "stage.json").write_text(json.dumps({"base_model": "tiny", "base_model_build": tiny_build_name()}))
     assert read_stage(tmp_path)["base_model_build"] == tiny_build_name()
@@ -166,7 +204,7 @@ def test_a_stage_trained_on_another_build_of_the_embedded_model_is_refused(tmp_p
 
 def test_sdpa_packed_reads_the_boundaries_once_per_batch_not_per_layer():
     """Reading cu_seq_lens to the host syncs a GPU: every layer of one forward must share one read."""
-    from train.attention import packed_sdpa_forward
+    from train.models.attention import packed_sdpa_forward
 
     class CountingTensor(torch.Tensor):
         reads = 0

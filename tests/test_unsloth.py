@@ -17,9 +17,11 @@ import sys
 import pytest
 from conftest import REPO, make_recipe
 
-import train.unsloth_backend as unsloth_backend
-from train.errors import UserError
-from train.sft import run_sft
+import train.models.unsloth as unsloth_backend
+from train.core.errors import UserError
+from train.methods.sft import run_sft
+
+pytestmark = pytest.mark.e2e
 
 
 class RecordingApi:
@@ -79,7 +81,7 @@ def test_make_refuses_unsloth_on_several_gpus():
 
 
 def test_unsloth_stage_writes_what_merge_and_children_expect(stage1_dict, tmp_path, recording, tiny_dir):
-    from train.merge import merge_stage
+    from train.export.merge import merge_stage
 
     parent = copy.deepcopy(stage1_dict)
     parent["training"]["max_steps"] = 3

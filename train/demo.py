@@ -15,9 +15,9 @@ import json
 import time
 from pathlib import Path
 
-from train.config import load_recipe
+from train.core.config import load_recipe
+from train.core.paths import REPO_ROOT
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 STAGES = [("stage1_medical", REPO_ROOT / "recipes/tiny/stage1_medical.yaml"),
           ("stage2_korean", REPO_ROOT / "recipes/tiny/stage2_korean.yaml")]
 DEMO_PROMPTS = [
@@ -51,8 +51,8 @@ def format_table(summary: dict) -> str:
 
 def evaluate_stages(stage_dirs: list[Path], out: Path, fast: bool) -> dict:
     """Both stages on open medical questions: greedy and beam search (3 candidates, voted), an ensemble."""
-    from train.config import DecodingConfig, EvalConfig
-    from train.evaluation import format_eval, run_eval
+    from train.core.config import DecodingConfig, EvalConfig
+    from train.evaluation.task_eval import format_eval, run_eval
 
     tokens = 32 if fast else 160
     cfg = EvalConfig(data=str(REPO_ROOT / "data_prep/samples/medical_eval_sample.jsonl"),
@@ -69,8 +69,8 @@ def evaluate_stages(stage_dirs: list[Path], out: Path, fast: bool) -> dict:
 
 def merge_and_export(stage_dir: Path, merged_dir: Path) -> tuple[dict, dict]:
     """The final stage merged (bf16) and exported to q4_k_m; the parity figures for summary.json."""
-    from train.export import export_gguf
-    from train.merge import merge_stage
+    from train.export.gguf import export_gguf
+    from train.export.merge import merge_stage
 
     # The embedded model is this project's own work, under its license.
     merge = merge_stage(stage_dir, merged_dir, license_id="apache-2.0")
@@ -87,8 +87,8 @@ def merge_and_export(stage_dir: Path, merged_dir: Path) -> tuple[dict, dict]:
 
 
 def run_demo(out: str | Path = "outputs/demo", fast: bool = False) -> dict:
-    from train.generate import generate
-    from train.sft import run_sft
+    from train.inference.generate import generate
+    from train.methods.sft import run_sft
 
     started = time.perf_counter()
     out = Path(out).resolve()

@@ -1,0 +1,59 @@
+"""Training commands: sft, reward, dpo, grpo (all through the stage runner) and classify."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+from train.core.cli import Command
+from train.core.errors import UserError
+
+
+def _recipe_arguments(parser) -> None:
+    parser.add_argument("recipe", help="recipe YAML, e.g. recipes/tiny/stage1_medical.yaml")
+    parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=20")
+
+
+def _sft(args) -> None:
+    from train.core.config import load_recipe
+    from train.methods.sft import run_sft
+
+    run_sft(load_recipe(args.recipe, args.overrides))  # logs its progress and where the stage went
+
+
+def _preference(method: str):
+    def run(args) -> None:
+        from train.core.config import load_recipe
+        from train.methods.preference import run_preference
+
+        recipe = load_recipe(args.recipe, args.overrides)
+        if recipe.method != method:
+            raise UserError(f"{args.recipe} has method: {recipe.method}; run python -m train {recipe.method} "
+                            f"(or pass method={method})")
+        record = run_preference(recipe)
+        if record.get("status") == "interrupted":
+            return
+        shown = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and v is not None}
+        sys.stdout.write(json.dumps(shown, indent=2) + f"\nstage: {recipe.output_dir}\n")
+
+    return run
+
+
+def _classify(args) -> None:
+    from train.methods.classification import load_classification_recipe, run_classification
+
+    report = run_classification(load_classification_recipe(args.recipe, args.overrides))
+    if report:
+        shown = {k: round(v, 4) for k, v in report["metrics"].items() if isinstance(v, float)}
+        sys.stdout.write(json.dumps(shown, indent=2) + f"\nmodel: {report['model_dir']}\n")
+
+
+COMMANDS = [
+    Command("sft", "supervised fine-tuning of one stage", _recipe_arguments, _sft),
+    Command("reward", "pairwise reward model (TRL RewardTrainer) after an SFT stage", _recipe_arguments,
+            _preference("reward")),
+    Command("dpo", "DPO and its variants (TRL DPOTrainer) after an SFT stage", _recipe_arguments, _preference("dpo")),
+    Command("grpo", "GRPO (TRL GRPOTrainer) after an SFT stage", _recipe_arguments, _preference("grpo")),
+    Command("classify", "fine-tune an encoder for single- or multi-label classification", _recipe_arguments,
+            _classify),
+]

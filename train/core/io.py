@@ -1,0 +1,75 @@
+"""Small file helpers every stage shares: jsonl, atomic writes, rejected rows, output-folder guards.
+
+Bad input is never dropped silently: each rejected row is kept with its reason in `rejects.jsonl`
+(one name everywhere) and the reasons are counted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections import Counter
+from collections.abc import Iterable
+from pathlib import Path
+
+from train.core.errors import UserError
+
+REJECTS_FILE = "rejects.jsonl"
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict], append: bool = False) -> Path:
+    """One JSON object per line, UTF-8, non-ASCII kept readable."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a" if append else "w", encoding="utf-8") as f:
+        f.writelines(json.dumps(row, ensure_ascii=False, default=str) + "\n" for row in rows)
+    return path
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def atomic_write_text(path: str | Path, text: str) -> Path:
+    """Write beside the target, then rename over it: a reader never sees half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_json(path: str | Path, data, indent: int = 2) -> Path:
+    return atomic_write_text(path, json.dumps(data, indent=indent, ensure_ascii=False, default=str) + "\n")
+
+
+def count_reasons(rejects: Iterable) -> dict[str, int]:
+    """Rejected rows per reason (rows are dicts with a 'reason' key or objects with a .reason)."""
+    return dict(Counter(r["reason"] if isinstance(r, dict) else r.reason for r in rejects))
+
+
+def write_rejects(folder: str | Path, rejects: list, append: bool = False) -> Path:
+    """`folder/rejects.jsonl`, one rejected row per line (objects with `to_json()` or dicts)."""
+    rows = (r.to_json() if hasattr(r, "to_json") else r for r in rejects)
+    return write_jsonl(Path(folder) / REJECTS_FILE, rows, append=append)
+
+
+def check_output_dir(out: Path, marker: str, protected: Path | None = None) -> None:
+    """Refuse to replace a folder this command did not write (a stage, a checkout, a user's files).
+
+    `marker` is the report file the command leaves in every folder it writes; `protected` is a
+    folder the output must not replace or contain (the stage being merged).
+    """
+    if protected is not None and (out == protected or out in protected.parents):
+        raise UserError(f"--out {out} would replace the stage itself; choose a folder such as {protected}/merged")
+    if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
+        raise UserError(f"--out {out} exists and was not written by this command (no {marker}); "
+                        "choose another folder or remove it")

@@ -1,0 +1,134 @@
+"""Merge a stage's LoRA (after every ancestor's) into 16-bit weights, checked against base + adapter.
+
+    python -m train merge outputs/stage2_korean --out outputs/stage2_korean/merged
+    make merge STAGE=outputs/stage2_korean
+
+Memory: one copy of the model in the merge dtype (32B in bf16: ~65 GB of RAM, plus one 5 GB shard
+being written). The parity logits are taken from that same copy, first with the adapter unmerged,
+then merged in place, so the model is never held twice.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import replace
+from pathlib import Path
+
+from train.core.config import recipe_from_dict
+from train.core.errors import UserError
+from train.core.formats import reasoning_chat_template
+from train.core.io import check_output_dir
+from train.core.log import get_logger
+from train.export.cards import write_model_card
+from train.export.parity import PARITY_TEXTS, compare_logits, text_logits
+from train.models.lineage import ADAPTER_DIR, adapter_chain, read_stage, stage_lineage
+from train.models.loading import load_merged_16bit, resolve_model_path, torch_dtype
+
+log = get_logger("merge")
+
+# Max |logit difference| allowed, as a fraction of the largest |logit|: rounding W + BA to the merge
+# dtype is the only expected difference.
+MERGE_TOLERANCE = {"float32": 1e-4, "bfloat16": 2e-2, "float16": 5e-3}
+MERGE_REPORT = "merge_report.json"
+
+
+def held_out_texts(stage_dir: Path, limit: int = 3) -> list[str]:
+    """The stage's own held-out examples (prompt + answer, as trained) followed by the fixed texts."""
+    info = read_stage(stage_dir)
+    eval_file = Path(info.get("data", {}).get("processed_dir") or "") / "eval.parquet"
+    texts: list[str] = []
+    if eval_file.is_file():
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(eval_file, columns=["prompt", "completion"]).slice(0, limit).to_pylist()
+        texts = [row["prompt"] + row["completion"] for row in table]
+    return texts + PARITY_TEXTS
+
+
+def _base_model(stage_dir: Path, info: dict, recipe, dtype: str, dequantize: bool):
+    """Base (+ merged ancestors) in `dtype`; with `dequantize`, the 4-bit weights training really saw."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from train.models.loading import quantization_config
+
+    parents = adapter_chain(info.get("parent"))
+    source = resolve_model_path(info["base_model"])
+    prequantized = getattr(AutoConfig.from_pretrained(source), "quantization_config", None) is not None
+    model_cfg = replace(recipe.model, dtype=dtype)
+    if not (dequantize or prequantized):
+        return load_merged_16bit(info["base_model"], parents, model_cfg)
+    if parents:  # a quantized child trained on its parents merged in 16-bit, then quantized at load
+        source = str(stage_dir / "parent_merged")
+        if not (Path(source) / "config.json").is_file():
+            raise UserError(f"--dequantize needs {source} (written when the stage trained); it is missing")
+    quant = None if prequantized else quantization_config(model_cfg)
+    if quant is None and not prequantized:
+        raise UserError(f"--dequantize: stage {stage_dir} was not trained quantized (model.quantization: none)")
+    log.info("loading %s quantized and dequantizing it to %s", source, dtype)
+    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=torch_dtype(dtype),
+                                                 low_cpu_mem_usage=True)
+    return model.dequantize()
+
+
+def merge_stage(stage_dir: str | Path, out: str | Path, adapter: str | Path | None = None, dtype: str = "bfloat16",
+                dequantize: bool = False, max_shard_size: str = "5GB", license_id: str | None = None) -> dict:
+    """Write the merged model to `out` (atomically) and return the parity report."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    stage_dir = Path(stage_dir).resolve()
+    out = Path(out).resolve()
+    info = read_stage(stage_dir)
+    recipe = recipe_from_dict(info["recipe"], origin=str(stage_dir / "stage.json"))
+    if str(adapter) == "best":  # chosen by `train eval --checkpoints` on the task metric
+        best_file = stage_dir / "best_checkpoint.json"
+        if not best_file.is_file():
+            raise UserError(f"--adapter best: no {best_file}; run `python -m train eval {stage_dir} --checkpoints`")
+        adapter = json.loads(best_file.read_text(encoding="utf-8"))["adapter"]
+    adapter = Path(adapter) if adapter else stage_dir / ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        raise UserError(f"no LoRA adapter in {adapter} (adapter_config.json missing); train the stage first")
+    if dtype not in MERGE_TOLERANCE:
+        raise UserError(f"--dtype {dtype}: choose one of {', '.join(MERGE_TOLERANCE)}")
+    check_output_dir(out, MERGE_REPORT, stage_dir)
+    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / ADAPTER_DIR))
+    if recipe.data.template == "reasoning":  # chat front ends must prompt the way this stage trained
+        tokenizer.chat_template = reasoning_chat_template(recipe.data.system_prompt)
+
+    model = PeftModel.from_pretrained(_base_model(stage_dir, info, recipe, dtype, dequantize), str(adapter)).eval()
+    texts = held_out_texts(stage_dir)
+    with_adapter = text_logits(model, tokenizer, texts)
+    with model.disable_adapter():
+        without_adapter = text_logits(model, tokenizer, texts)
+    merged = model.merge_and_unload()
+    merged_logits = text_logits(merged, tokenizer, texts)
+    parity = compare_logits(with_adapter, merged_logits)
+    effect = compare_logits(without_adapter, merged_logits)
+    tolerance = MERGE_TOLERANCE[dtype]
+    report = {"stage": str(stage_dir), "adapter": str(adapter), "dtype": dtype, "dequantized_base": dequantize,
+              "chat_template": recipe.data.template,
+              "parity_texts": len(texts), "merged_vs_base_plus_adapter": parity, "tolerance_relative": tolerance,
+              "adapter_effect": effect, "lineage": [str(p) for p in stage_lineage(stage_dir)]}
+    if parity["relative_diff"] > tolerance:
+        raise UserError(f"merged model disagrees with base + adapter: max logit diff {parity['max_abs_diff']} "
+                        f"({parity['relative_diff']:.2%} of the largest logit, tolerance {tolerance:.2%}); "
+                        "nothing was written")
+    if effect["max_abs_diff"] == 0.0:
+        log.warning("the adapter changes nothing (max logit diff 0 with and without it): was it trained?")
+
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    merged.generation_config.eos_token_id = tokenizer.eos_token_id
+    merged.generation_config.pad_token_id = tokenizer.pad_token_id
+    merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+    tokenizer.save_pretrained(tmp)
+    report["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_model_card(tmp, stage_lineage(stage_dir), report, license_id=license_id)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    log.info("merged model in %s: max logit diff vs base+adapter %.2e (%.3f%% of max logit), adapter moved "
+             "logits by up to %.3f", out, parity["max_abs_diff"], 100 * parity["relative_diff"],
+             effect["max_abs_diff"])
+    return report

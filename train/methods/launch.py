@@ -1,0 +1,177 @@
+"""What the launcher asked for (DDP, FSDP2, DeepSpeed ZeRO) and the checks that must pass before
+any heavy work, plus `STRATEGY=auto`: pick a strategy from the model's size and the GPUs' memory.
+
+    python -m train pick-strategy recipes/stage1_medical.yaml --gpus 8 [--gpu-memory-gb 80]
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from train.core.config import Recipe
+from train.core.errors import UserError
+
+# Bytes per parameter of the frozen base as loaded (NF4 with double-quantized scales ~4.1 bits).
+BYTES_PER_PARAM = {"nf4": 0.52, "int8": 1.0, "none": 2.0}
+# Room for activations (checkpointed), LoRA, optimizer state and the CUDA context, per GPU.
+HEADROOM = 1.35
+
+
+@dataclass
+class Launch:
+    strategy: str  # "single", "ddp", "fsdp", "zero2", "zero3"
+    world_size: int
+
+
+def detect_launch() -> Launch:
+    """The strategy accelerate launched this process with (from the variables it sets)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return Launch("fsdp", world)
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        stage = os.environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE")
+        config_file = os.environ.get("ACCELERATE_DEEPSPEED_CONFIG_FILE")
+        if config_file and Path(config_file).is_file():
+            stage = str(json.loads(Path(config_file).read_text()).get("zero_optimization", {}).get("stage", stage))
+        return Launch(f"zero{stage or 2}", world)
+    return Launch("ddp" if world > 1 else "single", world)
+
+
+def check_launch(recipe: Recipe, launch: Launch, launched_precision: str | None = None) -> None:
+    """Combinations that cannot work fail here, at start-up, with the fix."""
+    model, training = recipe.model, recipe.training
+    # `accelerate launch --mixed_precision` (or a config's mixed_precision) must agree with the recipe.
+    launched = launched_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    wanted = {"bfloat16": "bf16", "float16": "fp16"}.get(model.dtype, "no")
+    if launched not in ("no", wanted):
+        raise UserError(
+            f"the launcher asks for mixed_precision={launched} but the recipe's model.dtype is {model.dtype}; "
+            f"precision comes from the recipe: drop --mixed_precision / set mixed_precision: 'no' in the accelerate "
+            f"config, or set model.dtype accordingly"
+        )
+    if recipe.backend == "unsloth" and launch.world_size > 1:
+        raise UserError(f"backend 'unsloth' runs on one GPU only, but {launch.world_size} processes were launched; "
+                        "launch one process, or use backend: transformers with DDP/FSDP/ZeRO")
+    if recipe.backend == "unsloth":  # fail before data prep when Unsloth cannot run here
+        from train.models import unsloth as unsloth_backend
+
+        unsloth_backend.check_unsloth_recipe(recipe)
+        unsloth_backend.UnslothApi()
+    if launch.strategy in ("fsdp", "zero3") and model.quantization == "int8":
+        raise UserError(f"model.quantization=int8 cannot be sharded by {launch.strategy}; use nf4 "
+                        f"(with model.quant_storage: {model.dtype}) or the ddp/zero2 strategy")
+    if launch.strategy in ("fsdp", "zero3") and model.quantization == "nf4" and model.quant_storage != model.dtype:
+        raise UserError(
+            f"{launch.strategy} shards 4-bit weights only when they are stored in the compute dtype, but "
+            f"model.quant_storage is {model.quant_storage}; set model.quant_storage: {model.dtype}"
+        )
+    if training.global_batch_size is not None:
+        per_step = training.per_device_train_batch_size * launch.world_size
+        if training.global_batch_size % per_step:
+            raise UserError(
+                f"training.global_batch_size={training.global_batch_size} is not a multiple of "
+                f"per_device_train_batch_size x processes = {training.per_device_train_batch_size} x "
+                f"{launch.world_size}; use a multiple of {per_step} or change the batch size"
+            )
+
+
+# Trackers we name an extra for (pyproject); transformers knows others, which need their own package.
+REPORT_EXTRAS = {"tensorboard": "tensorboard", "wandb": "wandb", "trackio": "trackio", "mlflow": "mlflow"}
+
+
+def check_report_to(report_to: list[str]) -> None:
+    """Each `training.report_to` backend is known and installed, checked before the model loads.
+
+    transformers would otherwise fail with a raw traceback at trainer creation, after the model loaded.
+    """
+    from transformers.integrations import integration_utils as hf_integrations
+
+    known = {"none", "all", *hf_integrations.INTEGRATION_TO_CALLBACK}
+    for name in report_to:
+        if name not in known:
+            raise UserError(f"training.report_to: unknown backend '{name}'; use none or any of "
+                            f"{', '.join(sorted(REPORT_EXTRAS))} (or another transformers integration)")
+        check = getattr(hf_integrations, f"is_{name}_available", None)
+        if name in REPORT_EXTRAS and check is not None and not check():
+            raise UserError(f"training.report_to lists {name}, which is not installed: "
+                            f"pip install -e '.[{REPORT_EXTRAS[name]}]' (or remove it from report_to)")
+
+
+def gradient_accumulation(recipe: Recipe, launch: Launch) -> int:
+    training = recipe.training
+    if training.global_batch_size is None:
+        return training.gradient_accumulation_steps
+    return training.global_batch_size // (training.per_device_train_batch_size * launch.world_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# STRATEGY=auto
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each decoder linear layer of a Qwen2/Llama-style config."""
+    h, inter = config.hidden_size, config.intermediate_size
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    hd = getattr(config, "head_dim", None) or h // heads
+    return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
+            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+
+
+def parameter_count(config) -> tuple[int, int]:
+    """(decoder-layer parameters, embedding + head parameters) of a decoder-only model, from its config."""
+    h = config.hidden_size
+    per_layer = sum(i * o for i, o in linear_shapes(config).values()) + 2 * h
+    embed = config.vocab_size * h * (1 if getattr(config, "tie_word_embeddings", False) else 2)
+    return config.num_hidden_layers * per_layer, embed + h
+
+
+def pick_strategy(params: tuple[int, int], quantization: str, gpus: int, gpu_memory_gb: float) -> tuple[str, str]:
+    """(strategy, why) for a model of `params` (decoder, embeddings) on `gpus` GPUs of `gpu_memory_gb` each."""
+    decoder, embed = params
+    # bitsandbytes quantizes the decoder's linear layers; embeddings and head stay 16-bit.
+    weights_gb = (decoder * BYTES_PER_PARAM[quantization] + embed * 2) / 1e9
+    need_gb = weights_gb * HEADROOM
+    summary = (f"{(decoder + embed) / 1e9:.1f}B parameters in {quantization} are ~{weights_gb:.1f} GB of weights, "
+               f"~{need_gb:.1f} GB with activations and optimizer headroom; each GPU has {gpu_memory_gb:.0f} GB")
+    if need_gb <= gpu_memory_gb:
+        if gpus == 1:
+            return "single", f"{summary}: it fits on the one GPU"
+        return "ddp", f"{summary}: a full copy fits on every GPU, so plain data parallel (DDP) is fastest"
+    if need_gb <= gpu_memory_gb * gpus:
+        if quantization == "nf4":
+            return "fsdp", (f"{summary}: a copy does not fit on one GPU, but sharded over {gpus} it does: FSDP2 "
+                            "QLoRA (set model.quant_storage to model.dtype)")
+        return "zero3", f"{summary}: a copy does not fit on one GPU; ZeRO-3 shards it over {gpus}"
+    fix = "add GPUs, or BACKEND=unsloth on one GPU" if quantization == "nf4" else "quantize (model.quantization: nf4)"
+    return "zero3_offload", (f"{summary}: even sharded over {gpus} GPU(s) it does not fit; ZeRO-3 with CPU offload "
+                             f"(slow), or {fix}")
+
+
+def gpu_memory_gb() -> float | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory / 2**30
+
+
+def sharding_in_effect(trainer) -> str:
+    """What the trainer actually runs, read from it (not from what was asked)."""
+    if trainer.is_fsdp_enabled:
+        return f"fsdp{getattr(trainer.accelerator.state.fsdp_plugin, 'fsdp_version', '')}"
+    if trainer.is_deepspeed_enabled:
+        return f"zero{trainer.accelerator.state.deepspeed_plugin.zero_stage}"
+    return "ddp" if trainer.accelerator.num_processes > 1 else "none"
+
+
+def check_sharding(launch: Launch, in_effect: str) -> None:
+    expected = {"fsdp": "fsdp", "zero2": "zero2", "zero3": "zero3"}.get(launch.strategy)
+    if expected and not in_effect.startswith(expected):
+        raise UserError(
+            f"the launcher asked for {launch.strategy} but accelerate set up {in_effect} (FSDP needs GPUs: on CPU "
+            "accelerate falls back to DDP); launch with accelerate_configs/ddp.yaml, or on GPUs"
+        )

@@ -1,0 +1,252 @@
+"""The stage runner: one path for every training method (sft, reward, dpo, grpo).
+
+    record = run_stage(recipe, SFT)      # what `python -m train sft RECIPE` runs
+
+Every method gets the same start-up checks (output dir writable, launch, report_to backends, resume
+point, parent chain, disk), the same guards (preemption, non-finite policy, atomic checkpoints,
+`training.stop_at_step`) and the same finishing (adapter written and verified, stage.json,
+metrics.jsonl, loss curve). A `Method` says only how it gets its data, which trainer it builds, what
+it adds to the metrics, and what else it saves.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+
+from train.core.config import Recipe
+from train.core.errors import UserError
+from train.core.log import get_logger, is_main_process
+from train.methods.launch import (
+    Launch,
+    check_launch,
+    check_report_to,
+    check_sharding,
+    detect_launch,
+    sharding_in_effect,
+)
+from train.methods.record import MetricsLogCallback, losses, write_stage_outputs
+from train.methods.reliability import (
+    NonFiniteGuard,
+    PreemptionCallback,
+    check_free_disk,
+    checkpoint_problem,
+    lora_parameter_estimate,
+    newest_complete_checkpoint,
+)
+from train.models.lineage import ADAPTER_DIR, adapter_chain
+from train.models.loading import load_model_config, load_tokenizer
+
+log = get_logger("runner")
+
+
+@dataclass
+class StageData:
+    train: Any  # datasets.Dataset
+    eval: Any | None
+    manifest: dict
+
+
+class Method:
+    """What differs between methods. Subclasses set `name` and implement `data` and `trainer`."""
+
+    name = ""
+
+    def check(self, recipe: Recipe) -> None:
+        """Method-specific refusals, before any heavy work."""
+
+    def data(self, recipe: Recipe, tokenizer, launch: Launch) -> StageData:
+        raise NotImplementedError
+
+    def trainer(self, recipe: Recipe, tokenizer, data: StageData, out: Path, callbacks: list):
+        """A trainer built on train.methods.trainers.StageTrainerMixin (the guards need its hooks)."""
+        raise NotImplementedError
+
+    def metrics(self, trainer, history: list[dict]) -> dict:
+        """Method-specific figures for stage.json."""
+        return {}
+
+    def save_extra(self, trainer, out: Path, tokenizer) -> None:
+        """Anything besides the adapter (main process only)."""
+
+
+class StopAtStep(TrainerCallback):
+    """`training.stop_at_step`: save and stop after this optimizer step (a time-boxed job)."""
+
+    def __init__(self, step: int | None):
+        self.step, self.stopped_at = step, None
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.step is not None and state.global_step >= self.step:
+            self.stopped_at = state.global_step
+            control.should_save = True
+            control.should_training_stop = True
+        return control
+
+
+def check_output_dir(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_probe.{os.getpid()}"  # one per process: ranks share the folder
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output_dir {out} is not writable ({err.strerror})") from None
+
+
+def resume_point(recipe: Recipe, out: Path) -> str | None:
+    wanted = recipe.training.resume_from_checkpoint
+    if wanted is None:
+        return None
+    if wanted != "auto":
+        problem = checkpoint_problem(Path(wanted)) if Path(wanted).is_dir() else "not a folder"
+        if problem:
+            raise UserError(f"training.resume_from_checkpoint: {wanted} cannot be resumed from: {problem}")
+        return wanted
+    last = newest_complete_checkpoint(out) if out.is_dir() else None
+    log.info("resume: %s", f"from {last}" if last else "no complete checkpoint in output_dir, starting fresh")
+    return str(last) if last else None
+
+
+def trim_metrics_log(path: Path, resume: str | None) -> None:
+    """Keep the log of the steps the checkpoint holds; drop steps that will be trained again."""
+    if resume is None:
+        path.unlink(missing_ok=True)
+        return
+    if not path.is_file():
+        return
+    step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
+    path.write_text("".join(line + "\n" for line in kept))
+
+
+def save_adapter(trainer, out: Path, tokenizer) -> Path:
+    """adapter/ from this run only (an earlier run's is removed first), checked to exist."""
+    adapter_dir = out / ADAPTER_DIR
+    if trainer.is_world_process_zero():
+        shutil.rmtree(adapter_dir, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
+    trainer.save_model(str(adapter_dir))  # PEFT model: adapter weights only, safetensors
+    if trainer.is_world_process_zero():
+        if not (adapter_dir / "adapter_model.safetensors").is_file():
+            raise RuntimeError(f"training finished but no adapter was written to {adapter_dir}")
+        tokenizer.save_pretrained(str(adapter_dir))
+    return adapter_dir
+
+
+def _stopped(recipe: Recipe, method: Method, out: Path, trainer, guard, preemption, stop) -> dict | None:
+    """None when training ran to its end; an 'interrupted' record, or a UserError for an abort."""
+    resume_cmd = f"python -m train {method.name} {recipe.source_path} training.resume_from_checkpoint=auto"
+    if guard.aborted_at is not None:
+        raise UserError(
+            f"non-finite loss or gradient at step {guard.aborted_at} (training.nonfinite={recipe.training.nonfinite}, "
+            f"{guard.skipped} bad steps); the last good state is saved in {out}/checkpoint-{trainer.state.global_step}; "
+            f"lower the learning rate or check the data, then resume: {resume_cmd}"
+        )
+    interrupted = preemption.preempted_at or stop.stopped_at
+    if interrupted is None:
+        return None
+    why = "preempted" if preemption.preempted_at is not None else "stopped (training.stop_at_step)"
+    message = f"{why} at step {interrupted}; checkpoint saved in {out}; resume with: {resume_cmd}"
+    log.warning(message)
+    if trainer.is_world_process_zero():
+        sys.stderr.write(message + "\n")
+    return {"stage": recipe.stage, "method": method.name, "status": "interrupted", "step": interrupted,
+            "output_dir": str(out), "resume": resume_cmd}
+
+
+def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = None) -> None:
+    """The start-up checks of `run_stage`, run once before a distributed launch (`make train-*`).
+
+    Inside a launch every rank would refuse the same recipe, and the launcher would add its own
+    failure report; here the refusal is one line from one process, before any rank starts.
+    """
+    from data_prep.build import processed_state
+
+    check_launch(recipe, launch, launched_precision)
+    check_report_to(recipe.training.report_to)
+    check_output_dir(Path(recipe.output_dir))
+    resume_point(recipe, Path(recipe.output_dir))
+    adapter_chain(recipe.parent)
+    if recipe.method == "sft" and launch.world_size > 1:
+        state = processed_state(recipe, load_tokenizer(recipe.model))
+        if state != "fresh":
+            raise UserError(f"processed data in {recipe.data.processed_dir} is {state}; run "
+                            f"`python -m data_prep {recipe.source_path}` before launching")
+
+
+def run_stage(recipe: Recipe, method: Method) -> dict:
+    """Train one stage with `method`; return its stage record (what stage.json holds)."""
+    from transformers import set_seed
+
+    started = time.perf_counter()
+    if recipe.method != method.name:
+        raise UserError(f"{recipe.source_path} has method: {recipe.method}; run python -m train {recipe.method} "
+                        f"(or pass method={method.name})")
+    out = Path(recipe.output_dir)
+    check_output_dir(out)
+    launch = detect_launch()
+    check_launch(recipe, launch)
+    check_report_to(recipe.training.report_to)
+    resume = resume_point(recipe, out)
+    method.check(recipe)
+    set_seed(recipe.training.seed)
+    adapter_chain(recipe.parent)  # parent stages present, before any heavy work
+    tokenizer = load_tokenizer(recipe.model)
+    check_free_disk(out, lora_parameter_estimate(load_model_config(recipe.model), recipe.lora))
+    data = method.data(recipe, tokenizer, launch)
+    if is_main_process():
+        trim_metrics_log(out / "metrics.jsonl", resume)
+    preemption, stop = PreemptionCallback(), StopAtStep(recipe.training.stop_at_step)
+    trainer = method.trainer(recipe, tokenizer, data, out, [MetricsLogCallback(out / "metrics.jsonl"), preemption,
+                                                            stop])
+    guard = NonFiniteGuard(trainer, recipe.training.nonfinite, recipe.training.max_consecutive_nonfinite)
+    trainer.add_callback(guard)
+    sharding = sharding_in_effect(trainer)
+    check_sharding(launch, sharding)
+    log.info("%s stage %s: %d train rows, %d eval rows, parent=%s, %d process(es), sharding=%s", method.name,
+             recipe.stage, len(data.train), len(data.eval) if data.eval is not None else 0, recipe.parent,
+             launch.world_size, sharding)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    finally:
+        preemption.restore()
+    interrupted = _stopped(recipe, method, out, trainer, guard, preemption, stop)
+    if interrupted is not None:
+        return interrupted
+    eval_metrics = trainer.evaluate() if data.eval is not None else {}
+    save_adapter(trainer, out, tokenizer)
+    if trainer.is_world_process_zero():
+        method.save_extra(trainer, out, tokenizer)
+    history = trainer.state.log_history
+    curve = losses(history)
+    metrics = {
+        "train_loss": result.training_loss,
+        "train_loss_first": curve[0][1] if curve else None,
+        "train_loss_last": curve[-1][1] if curve else None,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "eval": {k: v for k, v in eval_metrics.items() if isinstance(v, float)},
+        "global_steps": trainer.state.global_step,
+        "train_tokens": None,
+        "padding_efficiency": None,
+        "seconds": round(time.perf_counter() - started, 2),
+        "world_size": launch.world_size,
+        "strategy": launch.strategy,
+        "sharding": sharding,
+        "resumed_from": resume,
+        "nonfinite_skipped_steps": guard.skipped,
+        **method.metrics(trainer, history),
+    }
+    record = write_stage_outputs(recipe, out, data.manifest, metrics, history)
+    log.info("%s stage %s done: loss %.3f -> %.3f, %.1fs -> %s", method.name, recipe.stage,
+             metrics["train_loss_first"] or float("nan"), metrics["train_loss_last"] or float("nan"),
+             metrics["seconds"], out)
+    return record

@@ -1,0 +1,184 @@
+"""TRL's trainers with the guards every stage method shares, and SFTConfig built from a recipe.
+
+`StageTrainerMixin` goes in front of TRL's SFTTrainer, RewardTrainer, DPOTrainer and GRPOTrainer:
+- atomic checkpoints: written into tmp-checkpoint-N, listed, then renamed to checkpoint-N;
+- the non-finite guard's hooks: a non-finite loss is flagged by `training_step`, and the optimizer's
+  step becomes a no-op while the guard marks the step as skipped;
+- under FSDP, `save_model` gathers only the trainable (LoRA and modules_to_save) weights.
+The SFT trainer also counts real tokens against token slots (padding efficiency), which TRL does
+not report.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from pathlib import Path
+
+import torch
+from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTConfig, SFTTrainer
+
+from train.core.config import Recipe
+from train.core.errors import UserError
+from train.methods.reliability import commit_checkpoint, guard_optimizer_step
+
+# Settings that would put a secret into saved training args; they come from the environment.
+SECRET_ARGS = {"hub_token", "push_to_hub_token"}
+
+
+class StageTrainerMixin:
+    """Guards shared by every stage method; put it before the TRL trainer class."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.step_loss_nonfinite = False  # set by training_step, read by NonFiniteGuard
+        self.skip_optimizer_step = False  # set by NonFiniteGuard, honoured by the guarded optimizer
+
+    def create_optimizer(self, *args, **kwargs):
+        optimizer = super().create_optimizer(*args, **kwargs)
+        guard_optimizer_step(self, optimizer)
+        return optimizer
+
+    def _save_checkpoint(self, model, trial):
+        """Write into tmp-checkpoint-N, list the files, then rename to checkpoint-N (atomic on one filesystem)."""
+        import transformers.trainer as hf_trainer
+        from transformers.trainer_utils import rotate_checkpoints
+
+        step = self.state.global_step
+        run_dir = Path(self._get_output_dir(trial=trial))
+        staging, final = run_dir / f"tmp-checkpoint-{step}", run_dir / f"checkpoint-{step}"
+        prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
+        hf_trainer.PREFIX_CHECKPOINT_DIR = "tmp-checkpoint"  # the Trainer names the folder from this global
+        try:
+            super()._save_checkpoint(model, trial)
+        finally:
+            hf_trainer.PREFIX_CHECKPOINT_DIR = prefix
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staging:
+                self.state.best_model_checkpoint = str(final)
+                self.state.save_to_json(str(staging / "trainer_state.json"))
+            commit_checkpoint(staging, final, step)
+            # The Trainer rotated before the rename, not counting this one: rotate again.
+            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
+                               best_model_checkpoint=self.state.best_model_checkpoint)
+        self.accelerator.wait_for_everyone()
+
+    def count_tokens(self, inputs) -> None:
+        """Hook for trainers that report padding efficiency."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        self.count_tokens(inputs)
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        if not torch.isfinite(loss).all():
+            self.step_loss_nonfinite = True
+        return loss
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False):
+        """Under FSDP, gather the trainable weights alone and save them from rank 0.
+
+        Trainer.save_model writes nothing under FSDP with SHARDED_STATE_DICT, and FULL_STATE_DICT would
+        gather the whole frozen base (65 GB for 32B) to save a few hundred MB of adapter.
+        """
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        output_dir = output_dir or self.args.output_dir
+        adapter_state = {}
+        for name, tensor in self.model.state_dict().items():
+            if "lora_" in name or "modules_to_save" in name:  # every rank joins each gather
+                full = tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor
+                adapter_state[name] = full.detach().cpu()
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.model).save_pretrained(
+                output_dir, state_dict=adapter_state, safe_serialization=True)
+        self.accelerator.wait_for_everyone()
+
+
+class StageSFTTrainer(StageTrainerMixin, SFTTrainer):
+    """SFTTrainer with the stage guards, counting real tokens and token slots of every micro-batch."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.real_tokens = 0
+        self.token_slots = 0
+
+    def count_tokens(self, inputs) -> None:
+        input_ids = inputs["input_ids"]
+        mask = inputs.get("attention_mask")
+        # Padding-free batches carry no attention_mask: every slot holds a real token.
+        self.real_tokens += int(mask.sum()) if mask is not None else input_ids.numel()
+        self.token_slots += input_ids.numel()
+
+    def token_totals(self) -> tuple[int, int]:
+        """(real tokens, token slots) summed over all processes."""
+        totals = torch.tensor([self.real_tokens, self.token_slots], dtype=torch.long, device=self.accelerator.device)
+        totals = self.accelerator.reduce(totals, reduction="sum")
+        return int(totals[0]), int(totals[1])
+
+
+class StageRewardTrainer(StageTrainerMixin, RewardTrainer):
+    """TRL's RewardTrainer with the stage guards."""
+
+
+class StageDPOTrainer(StageTrainerMixin, DPOTrainer):
+    """TRL's DPOTrainer with the stage guards."""
+
+
+class StageGRPOTrainer(StageTrainerMixin, GRPOTrainer):
+    """TRL's GRPOTrainer with the stage guards."""
+
+
+def _check_sft_args(extra: dict, origin: str) -> None:
+    valid = {f.name for f in dataclasses.fields(SFTConfig)}
+    for key in extra:
+        if key in SECRET_ARGS:
+            raise UserError(f"{origin}: training.sft_args.{key}: tokens are read from the environment (HF_TOKEN), "
+                            "never from a recipe")
+        if key not in valid:
+            close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"{origin}: unknown key 'training.sft_args.{key}' (not a trl.SFTConfig field){hint}")
+
+
+def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConfig:
+    from train.methods.launch import detect_launch, gradient_accumulation
+
+    t, m = recipe.training, recipe.model
+    _check_sft_args(t.sft_args, recipe.source_path or "<recipe>")
+    eval_kwargs = {}
+    if has_eval and t.eval_steps:
+        # Tracking the best eval loss lets checkpoint rotation keep the best beside the last K.
+        eval_kwargs = {"eval_strategy": "steps", "eval_steps": t.eval_steps, "metric_for_best_model": "eval_loss",
+                       "greater_is_better": False}
+    return SFTConfig(
+        output_dir=output_dir,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_train_batch_size,
+        gradient_accumulation_steps=gradient_accumulation(recipe, detect_launch()),
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        optim=t.optim,
+        max_grad_norm=t.max_grad_norm,
+        num_train_epochs=t.num_train_epochs,
+        max_steps=t.max_steps,
+        seed=t.seed,
+        data_seed=t.seed,
+        logging_steps=t.logging_steps,
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        report_to=t.report_to,
+        dataloader_num_workers=t.dataloader_num_workers,
+        bf16=m.dtype == "bfloat16",
+        fp16=m.dtype == "float16",
+        use_cpu=not torch.cuda.is_available(),
+        gradient_checkpointing=m.gradient_checkpointing,
+        use_liger_kernel=m.use_liger,
+        max_length=recipe.data.max_length,
+        packing=t.packing,
+        packing_strategy="bfd",
+        completion_only_loss=True,
+        **eval_kwargs,
+        **t.sft_args,
+    )

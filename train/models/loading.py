@@ -1,0 +1,217 @@
+"""Load tokenizer and base model as a recipe says: bf16/fp32 or 4-bit NF4 / 8-bit (bitsandbytes),
+attention kernel, Liger kernels, and the parent stages' adapters merged into the 16-bit base.
+
+Stacking QLoRA stages: the parent adapter is merged into the *16-bit* base (never into 4-bit
+weights), the merged model is written once to `<output_dir>/parent_merged/`, and the new stage
+loads that folder quantized again.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+from pathlib import Path
+
+import train.models.attention  # noqa: F401  (registers the sdpa_packed attention)
+from train.core.config import TINY_MODEL, LoraConfig, ModelConfig, Recipe
+from train.core.errors import UserError
+from train.core.log import get_logger
+from train.models.lineage import adapter_chain, check_parent_base
+
+log = get_logger("model")
+
+def resolve_model_path(name_or_path: str) -> str:
+    if name_or_path == TINY_MODEL:
+        from train.models.tiny import ensure_tiny_model
+
+        return str(ensure_tiny_model())
+    if not Path(name_or_path).exists():  # a Hub id: fail fast (cache only) when the Hub is unreachable
+        from train.core.hub import offline_unless_hub_reachable
+
+        offline_unless_hub_reachable()
+    return name_or_path
+
+
+def _first_line(err: Exception) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def load_model_config(model_cfg: ModelConfig):
+    """The base model's config alone (no weights): for size estimates before any heavy work."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(resolve_model_path(model_cfg.name_or_path), revision=model_cfg.revision,
+                                          trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as err:
+        raise UserError(f"cannot read the config of '{model_cfg.name_or_path}': {_first_line(err)}") from None
+
+
+def load_tokenizer(model_cfg: ModelConfig):
+    from transformers import AutoTokenizer
+
+    name = resolve_model_path(model_cfg.tokenizer or model_cfg.name_or_path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(
+            name, revision=model_cfg.revision, trust_remote_code=model_cfg.trust_remote_code
+        )
+    except Exception as err:  # OSError offline, ValueError for an unknown class, HTTP errors
+        raise UserError(
+            f"cannot load tokenizer '{name}': {_first_line(err)} "
+            "(model.name_or_path must be 'tiny', a local folder, or a Hub id reachable or in the HF cache)"
+        ) from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def torch_dtype(name: str):
+    import torch
+
+    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+
+
+def check_kernels(model_cfg: ModelConfig) -> None:
+    """Fail at start-up, with the fix, when a requested kernel cannot run here."""
+    import torch
+
+    if model_cfg.attn_implementation == "flash_attention_2":
+        if not torch.cuda.is_available():
+            raise UserError("model.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise UserError(
+                "model.attn_implementation=flash_attention_2 but flash-attn is not installed: "
+                "pip install '.[gpu]' (or use sdpa)"
+            )
+    if model_cfg.attn_implementation == "flash_attention_3" and importlib.util.find_spec("flash_attn_interface") is None:
+        raise UserError("model.attn_implementation=flash_attention_3 needs the flash-attn 3 (hopper) build; use sdpa")
+    if model_cfg.use_liger:
+        if not torch.cuda.is_available():
+            raise UserError("model.use_liger=true needs a GPU (Liger's Triton kernels); set model.use_liger: false")
+        if importlib.util.find_spec("liger_kernel") is None:
+            raise UserError("model.use_liger=true but liger-kernel is not installed: pip install '.[liger]' (make install-gpu)")
+    if model_cfg.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
+        raise UserError(f"model.quantization={model_cfg.quantization} needs bitsandbytes: pip install bitsandbytes")
+
+
+def quantization_config(model_cfg: ModelConfig):
+    from transformers import BitsAndBytesConfig
+
+    if model_cfg.quantization == "nf4":
+        return BitsAndBytesConfig(
+            load_in_4bit=True,
+            bnb_4bit_quant_type="nf4",
+            bnb_4bit_use_double_quant=model_cfg.double_quant,
+            bnb_4bit_compute_dtype=torch_dtype(model_cfg.dtype),
+            bnb_4bit_quant_storage=torch_dtype(model_cfg.quant_storage) if model_cfg.quant_storage != "uint8"
+            else None,
+        )
+    if model_cfg.quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return None
+
+
+def pin_4bit_cpu_path(model) -> None:
+    """Keep every bitsandbytes 4-bit layer on the path training uses (dequantize, then matmul in the
+    compute dtype), on every CPU.
+
+    On CPUs with AVX512-BF16, bitsandbytes 0.50 repacks a Linear4bit's weights the first time it runs in
+    eval mode without gradients, and from then on computes it in bfloat16 through a fused kernel that
+    has no backward. So an evaluation differs from training by bf16 rounding (machine-dependent results),
+    and training *after* an evaluation (eval_steps) silently stops passing gradients through the frozen
+    4-bit layers to the LoRA weights below them. GPUs are unaffected (the repack is CPU-only).
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
+
+
+def peft_lora_config(lora: LoraConfig):
+    from peft import LoraConfig as PeftLoraConfig
+
+    return PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        use_rslora=lora.use_rslora,
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def load_merged_16bit(base: str, adapters: list[Path], model_cfg: ModelConfig, attn_implementation: str | None = None):
+    """Base in 16/32-bit with each adapter merged in order (never into quantized weights)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        resolve_model_path(base),
+        revision=model_cfg.revision,
+        dtype=torch_dtype(model_cfg.dtype),
+        trust_remote_code=model_cfg.trust_remote_code,
+        attn_implementation=attn_implementation,
+        low_cpu_mem_usage=True,
+    )
+    for adapter in adapters:
+        log.info("merging adapter %s", adapter)
+        model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
+    return model
+
+
+def parent_merged_dir(recipe: Recipe, adapters: list[Path]) -> str:
+    """The parent chain merged into the 16-bit base, written once to <output_dir>/parent_merged."""
+    from accelerate import PartialState
+
+    merged_dir = Path(recipe.output_dir) / "parent_merged"
+    state = PartialState()
+    with state.main_process_first():
+        if state.is_main_process and not (merged_dir / "config.json").is_file():
+            merged = load_merged_16bit(recipe.model.name_or_path, adapters, recipe.model)
+            tmp = merged_dir.with_name("parent_merged.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            merged.save_pretrained(tmp, safe_serialization=True)
+            del merged
+            tmp.rename(merged_dir)
+    return str(merged_dir)
+
+
+def load_model_for_training(recipe: Recipe):
+    """The model SFT starts from (without the new LoRA, which the trainer adds)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model_cfg = recipe.model
+    check_kernels(model_cfg)
+    adapters = adapter_chain(recipe.parent)
+    check_parent_base(recipe)
+    quant = quantization_config(model_cfg)
+    if adapters and quant is None:
+        return load_merged_16bit(model_cfg.name_or_path, adapters, model_cfg, model_cfg.attn_implementation)
+
+    source = resolve_model_path(model_cfg.name_or_path)
+    if adapters:  # quantized child of a parent: merge in 16-bit once, then reload quantized
+        source = parent_merged_dir(recipe, adapters)
+    kwargs = {}
+    if quant is not None and torch.cuda.is_available():
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            revision=None if adapters else model_cfg.revision,
+            dtype=torch_dtype(model_cfg.dtype),
+            quantization_config=quant,
+            attn_implementation=model_cfg.attn_implementation,
+            trust_remote_code=model_cfg.trust_remote_code,
+            low_cpu_mem_usage=True,
+            **kwargs,
+        )
+    except OSError as err:
+        raise UserError(f"cannot load model '{source}': {_first_line(err)}") from None
+    if quant is not None:
+        pin_4bit_cpu_path(model)
+    if model_cfg.trust_remote_code:
+        log.warning("trust_remote_code is on: code from '%s' runs in this process", model_cfg.name_or_path)
+    return model
