@@ -20,10 +20,12 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-WORDS = ("환자 병원 진료 검사 결과 약 처방 증상 통증 발열 기침 두통 혈압 혈당 수면 운동 식사 물 건강 관리 "
-         "서울 대한민국 문화 경제 역사 과학 기술 사회 교육 가족 친구 회사 학교 여행 음식 날씨 시간 문제 "
-         "설명 요약 번역 분류 작성 정리 비교 분석 추천 질문 답변 문장 단어 의미 내용 방법 이유 결과 "
-         "하다 되다 있다 없다 좋다 많다 크다 작다 빠르다 느리다 중요하다 필요하다 가능하다").split()
+WORDS = (
+    "환자 병원 진료 검사 결과 약 처방 증상 통증 발열 기침 두통 혈압 혈당 수면 운동 식사 물 건강 관리 "
+    "서울 대한민국 문화 경제 역사 과학 기술 사회 교육 가족 친구 회사 학교 여행 음식 날씨 시간 문제 "
+    "설명 요약 번역 분류 작성 정리 비교 분석 추천 질문 답변 문장 단어 의미 내용 방법 이유 결과 "
+    "하다 되다 있다 없다 좋다 많다 크다 작다 빠르다 느리다 중요하다 필요하다 가능하다"
+).split()
 
 
 def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
@@ -42,8 +44,13 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
             src["output"] = src["output"] + " 그리고 이것은 중요합니다."
             rows.append(src)
             continue
-        rows.append({"instruction": sentence(5, 20), "input": sentence(0, 40) if rng.random() < 0.4 else "",
-                     "output": " ".join(sentence(5, 25) for _ in range(rng.randint(1, 8)))})
+        rows.append(
+            {
+                "instruction": sentence(5, 20),
+                "input": sentence(0, 40) if rng.random() < 0.4 else "",
+                "output": " ".join(sentence(5, 25) for _ in range(rng.randint(1, 8))),
+            }
+        )
     return rows
 
 
@@ -54,19 +61,37 @@ def run_one(rows_path: str, near: str, out_dir: str) -> dict:
     from train.core.config import recipe_from_dict
     from train.models.loading import load_tokenizer
 
-    recipe = recipe_from_dict({"stage": "bench", "output_dir": out_dir, "data": {
-        "sources": [{"name": "ko", "path": rows_path, "schema": "kocommercial"}], "template": "reasoning",
-        "max_length": 4096, "eval_fraction": 0.01, "dedup": {"near": near}, "processed_dir": out_dir}})
+    recipe = recipe_from_dict(
+        {
+            "stage": "bench",
+            "output_dir": out_dir,
+            "data": {
+                "sources": [{"name": "ko", "path": rows_path, "schema": "kocommercial"}],
+                "template": "reasoning",
+                "max_length": 4096,
+                "eval_fraction": 0.01,
+                "dedup": {"near": near},
+                "processed_dir": out_dir,
+            },
+        }
+    )
     tokenizer = load_tokenizer(recipe.model)
     started = time.perf_counter()
     manifest = build(recipe, tokenizer)
     seconds = time.perf_counter() - started
     rows = sum(manifest["raw_rows"].values())
     tokens = manifest["train_tokens"]
-    return {"near_dedup": near, "rows": rows, "seconds": round(seconds, 1), "rows_per_s": round(rows / seconds),
-            "tokens_per_s": round(tokens / seconds), "dedup_seconds": manifest["dedup_seconds"],
-            "exact_dups": manifest["duplicates_removed"], "near_dups": manifest["near_duplicates_removed"],
-            "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)}
+    return {
+        "near_dedup": near,
+        "rows": rows,
+        "seconds": round(seconds, 1),
+        "rows_per_s": round(rows / seconds),
+        "tokens_per_s": round(tokens / seconds),
+        "dedup_seconds": manifest["dedup_seconds"],
+        "exact_dups": manifest["duplicates_removed"],
+        "near_dups": manifest["near_duplicates_removed"],
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+    }
 
 
 def main() -> None:
@@ -86,14 +111,31 @@ def main() -> None:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         results = []
         for near in ("none", "minhash"):
-            proc = subprocess.run([sys.executable, "-m", "bench.data_prep_bench", "--one", str(rows_path), near,
-                                   str(Path(tmp) / f"out-{near}")], cwd=REPO, capture_output=True, text=True,
-                                  check=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bench.data_prep_bench",
+                    "--one",
+                    str(rows_path),
+                    near,
+                    str(Path(tmp) / f"out-{near}"),
+                ],
+                cwd=REPO,
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    path = write_results("data_prep", results, (
-        f"Whole `data_prep` build (read, validate, template, tokenize, length policy, dedup, split, write) of "
-        f"{args.rows} synthetic KoCommercial-shaped rows (1% exact, 1% near duplicates), one process, "
-        "tokenizer = embedded tiny BPE (batched fast-tokenizer call, parallel in Rust)."))
+    path = write_results(
+        "data_prep",
+        results,
+        (
+            f"Whole `data_prep` build (read, validate, template, tokenize, length policy, dedup, split, write) of "
+            f"{args.rows} synthetic KoCommercial-shaped rows (1% exact, 1% near duplicates), one process, "
+            "tokenizer = embedded tiny BPE (batched fast-tokenizer call, parallel in Rust)."
+        ),
+    )
     for r in results:
         sys.stdout.write(json.dumps(r) + "\n")
     sys.stdout.write(f"written to {path}\n")

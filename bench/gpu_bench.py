@@ -42,21 +42,51 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 # Architecture of Qwen2.5-7B and of Qwen2.5-32B (= DeepSeek-R1-Distill-Qwen-32B), from their config.json.
-QWEN2_COMMON = {"vocab_size": 152064, "max_position_embeddings": 32768, "rope_theta": 1_000_000.0,
-                "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "hidden_act": "silu"}
+QWEN2_COMMON = {
+    "vocab_size": 152064,
+    "max_position_embeddings": 32768,
+    "rope_theta": 1_000_000.0,
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "hidden_act": "silu",
+}
 SHAPES = {
-    "qwen2.5-7b": {"hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
-                   "num_attention_heads": 28, "num_key_value_heads": 4},
-    "qwen2.5-32b": {"hidden_size": 5120, "intermediate_size": 27648, "num_hidden_layers": 64,
-                    "num_attention_heads": 40, "num_key_value_heads": 8},
+    "qwen2.5-7b": {
+        "hidden_size": 3584,
+        "intermediate_size": 18944,
+        "num_hidden_layers": 28,
+        "num_attention_heads": 28,
+        "num_key_value_heads": 4,
+    },
+    "qwen2.5-32b": {
+        "hidden_size": 5120,
+        "intermediate_size": 27648,
+        "num_hidden_layers": 64,
+        "num_attention_heads": 40,
+        "num_key_value_heads": 8,
+    },
     # Exercises this harness on a CPU (tests): same code, small enough for seconds.
-    "tiny": {"hidden_size": 256, "intermediate_size": 512, "num_hidden_layers": 2, "num_attention_heads": 4,
-             "num_key_value_heads": 2, "vocab_size": 4096},
+    "tiny": {
+        "hidden_size": 256,
+        "intermediate_size": 512,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 2,
+        "vocab_size": 4096,
+    },
 }
 
 # Dense bf16 peak (TFLOP/s, no sparsity) by device name; --peak-tflops overrides.
-PEAK_TFLOPS = {"H100 80GB HBM3": 989.4, "H100 SXM": 989.4, "H200": 989.4, "H100 PCIe": 756.0, "H100 NVL": 835.0,
-               "A100": 312.0, "RTX 4090": 165.2, "L40S": 362.1}
+PEAK_TFLOPS = {
+    "H100 80GB HBM3": 989.4,
+    "H100 SXM": 989.4,
+    "H200": 989.4,
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "A100": 312.0,
+    "RTX 4090": 165.2,
+    "L40S": 362.1,
+}
 
 BASELINE = "baseline"
 OURS = "ours"
@@ -119,7 +149,7 @@ def random_state_dict(config, dtype, seed: int = 0) -> dict:
             state[name] = torch.ones(shape, dtype=dtype)
             continue
         offset = int(torch.randint(0, largest, (1,), generator=generator))
-        state[name] = pool[offset: offset + shape.numel()].view(shape)
+        state[name] = pool[offset : offset + shape.numel()].view(shape)
     return state
 
 
@@ -135,9 +165,14 @@ def load_random_model(shape: str, model_cfg):
     config = qwen2_config(shape, model_cfg.attn_implementation)
     kwargs = {"device_map": {"": 0}} if torch.cuda.is_available() else {}
     return Qwen2ForCausalLM.from_pretrained(
-        None, config=config, state_dict=random_state_dict(config, dtype), dtype=dtype,
-        quantization_config=quantization_config(model_cfg), attn_implementation=model_cfg.attn_implementation,
-        **kwargs)
+        None,
+        config=config,
+        state_dict=random_state_dict(config, dtype),
+        dtype=dtype,
+        quantization_config=quantization_config(model_cfg),
+        attn_implementation=model_cfg.attn_implementation,
+        **kwargs,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,15 +235,27 @@ def ours_recipe(attn: str, liger: bool, tokens: int, steps: int, out: str):
     """recipes/stage1_medical.yaml as shipped, with this variant's kernels and one pack of `tokens` per step."""
     from train.core.config import load_recipe
 
-    return load_recipe(REPO / "recipes" / "stage1_medical.yaml", [
-        f"model.attn_implementation={attn}", f"model.use_liger={str(liger).lower()}", f"output_dir={out}",
-        f"data.max_length={tokens}", "training.per_device_train_batch_size=1",
-        "training.gradient_accumulation_steps=1", f"training.max_steps={steps}", "training.warmup_steps=0",
-        "training.logging_steps=100000", "training.save_steps=100000", "training.eval_steps=null"])
+    return load_recipe(
+        REPO / "recipes" / "stage1_medical.yaml",
+        [
+            f"model.attn_implementation={attn}",
+            f"model.use_liger={str(liger).lower()}",
+            f"output_dir={out}",
+            f"data.max_length={tokens}",
+            "training.per_device_train_batch_size=1",
+            "training.gradient_accumulation_steps=1",
+            f"training.max_steps={steps}",
+            "training.warmup_steps=0",
+            "training.logging_steps=100000",
+            "training.save_steps=100000",
+            "training.eval_steps=null",
+        ],
+    )
 
 
-def run_ours(shape: str, attn: str, liger: bool, rows: list[dict], tokens: int, steps: int, warmup: int, out: str,
-             model=None):
+def run_ours(
+    shape: str, attn: str, liger: bool, rows: list[dict], tokens: int, steps: int, warmup: int, out: str, model=None
+):
     """(trainer, clock, extra) of our path; `model` = an already adapted model to train again (length search)."""
     import datasets
     from transformers import AutoTokenizer
@@ -219,11 +266,14 @@ def run_ours(shape: str, attn: str, liger: bool, rows: list[dict], tokens: int, 
 
     recipe = ours_recipe(attn, liger, tokens, steps, out)
     clock = StepClock(warmup)
-    trainer = StageSFTTrainer(model=model if model is not None else load_random_model(shape, recipe.model),
-                              args=build_sft_config(recipe, out, False), train_dataset=datasets.Dataset.from_list(rows),
-                              processing_class=AutoTokenizer.from_pretrained(ensure_tiny_model()),
-                              peft_config=None if model is not None else peft_lora_config(recipe.lora),
-                              callbacks=[clock.callback])
+    trainer = StageSFTTrainer(
+        model=model if model is not None else load_random_model(shape, recipe.model),
+        args=build_sft_config(recipe, out, False),
+        train_dataset=datasets.Dataset.from_list(rows),
+        processing_class=AutoTokenizer.from_pretrained(ensure_tiny_model()),
+        peft_config=None if model is not None else peft_lora_config(recipe.lora),
+        callbacks=[clock.callback],
+    )
     _counting(trainer, clock)
     return trainer, clock, {}
 
@@ -240,21 +290,35 @@ def run_baseline(shape: str, rows: list[dict], tokens: int, steps: int, warmup: 
     from train.models.tiny import ensure_tiny_model
 
     cuda = torch.cuda.is_available()
-    model_cfg = ModelConfig(dtype="bfloat16", quantization="nf4", double_quant=True,
-                            attn_implementation="sdpa")
+    model_cfg = ModelConfig(dtype="bfloat16", quantization="nf4", double_quant=True, attn_implementation="sdpa")
     model = prepare_model_for_kbit_training(load_random_model(shape, model_cfg), use_gradient_checkpointing=True)
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM",
-                                             target_modules=ALL_PROJECTIONS))
+    model = get_peft_model(
+        model, LoraConfig(r=16, lora_alpha=16, lora_dropout=0.0, task_type="CAUSAL_LM", target_modules=ALL_PROJECTIONS)
+    )
     mean_len = sum(len(r["input_ids"]) for r in rows) / len(rows)
     rows_per_batch = max(1, round(tokens / mean_len))  # the same real tokens per micro-batch on average
     tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model())
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=rows_per_batch, max_steps=steps,
-                             learning_rate=2e-4, bf16=True, use_cpu=not cuda, gradient_checkpointing=True,
-                             logging_steps=100000, save_steps=100000, report_to=[], disable_tqdm=True)
+    args = TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=rows_per_batch,
+        max_steps=steps,
+        learning_rate=2e-4,
+        bf16=True,
+        use_cpu=not cuda,
+        gradient_checkpointing=True,
+        logging_steps=100000,
+        save_steps=100000,
+        report_to=[],
+        disable_tqdm=True,
+    )
     clock = StepClock(warmup)
-    trainer = Trainer(model=model, args=args, train_dataset=datasets.Dataset.from_list([padded_labels(r) for r in rows]),
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
-                      callbacks=[clock.callback])
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=datasets.Dataset.from_list([padded_labels(r) for r in rows]),
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
+        callbacks=[clock.callback],
+    )
     _counting(trainer, clock)
     return trainer, clock, {"rows_per_batch": rows_per_batch}
 
@@ -274,11 +338,13 @@ def run_variant(spec: dict) -> dict:
     cuda = torch.cuda.is_available()
     with tempfile.TemporaryDirectory() as out:
         if spec["path"] == BASELINE:
-            trainer, clock, extra = run_baseline(spec["shape"], rows, spec["tokens"], spec["steps"], spec["warmup"],
-                                                 out)
+            trainer, clock, extra = run_baseline(
+                spec["shape"], rows, spec["tokens"], spec["steps"], spec["warmup"], out
+            )
         else:
-            trainer, clock, extra = run_ours(spec["shape"], spec["attn"], spec["liger"], rows, spec["tokens"],
-                                             spec["steps"], spec["warmup"], out)
+            trainer, clock, extra = run_ours(
+                spec["shape"], spec["attn"], spec["liger"], rows, spec["tokens"], spec["steps"], spec["warmup"], out
+            )
         weights_gb = torch.cuda.memory_allocated() / 2**30 if cuda else None
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -289,14 +355,19 @@ def run_variant(spec: dict) -> dict:
     device = torch.cuda.get_device_name(0) if cuda else "cpu"
     peak = peak_tflops(device, spec.get("peak_tflops"))
     return {
-        "shape": spec["shape"], "path": spec["path"], "attn": spec.get("attn", "sdpa"),
-        "liger": bool(spec.get("liger", False)), "distribution": spec["distribution"],
+        "shape": spec["shape"],
+        "path": spec["path"],
+        "attn": spec.get("attn", "sdpa"),
+        "liger": bool(spec.get("liger", False)),
+        "distribution": spec["distribution"],
         "tokens_per_s": round(sum(clock.tokens) / seconds, 1),
-        "step_s_median": round(statistics.median(clock.times), 4), "timed_steps": len(clock.times),
+        "step_s_median": round(statistics.median(clock.times), 4),
+        "timed_steps": len(clock.times),
         "real_tokens_per_step": round(sum(clock.tokens) / len(clock.times)),
         "mfu": round(flops / seconds / (peak * 1e12), 4) if peak else None,
         "peak_gb": round(peak_gb, 2) if peak_gb is not None else None,
-        "weights_gb": round(weights_gb, 2) if weights_gb is not None else None, **extra,
+        "weights_gb": round(weights_gb, 2) if weights_gb is not None else None,
+        **extra,
     }
 
 
@@ -313,7 +384,11 @@ def longest_trainable(try_length, lengths: list[int]) -> dict:
         else:
             failed = n
             break
-    return {"longest_fitting": max(fits) if fits else 0, "first_oom": failed, "tried": fits + ([failed] if failed else [])}
+    return {
+        "longest_fitting": max(fits) if fits else 0,
+        "first_oom": failed,
+        "tried": fits + ([failed] if failed else []),
+    }
 
 
 def run_cap(spec: dict) -> dict:
@@ -338,8 +413,9 @@ def run_cap(spec: dict) -> dict:
                 if spec["path"] == BASELINE:
                     trainer, _, _ = run_baseline(spec["shape"], rows, n, 2, 0, out)
                 else:  # one quantized base and adapter for every length: loading 32B again costs minutes
-                    trainer, _, _ = run_ours(spec["shape"], spec["attn"], spec["liger"], rows, n, 2, 0, out,
-                                             model=built.get("model"))
+                    trainer, _, _ = run_ours(
+                        spec["shape"], spec["attn"], spec["liger"], rows, n, 2, 0, out, model=built.get("model")
+                    )
                     built["model"] = trainer.model
                 trainer.train()
             return True
@@ -353,9 +429,15 @@ def run_cap(spec: dict) -> dict:
 
     lengths = [int(x) for x in spec["lengths"]]
     found = longest_trainable(try_length, lengths)
-    return {"shape": spec["shape"], "path": spec["path"], "attn": spec.get("attn", "sdpa"),
-            "liger": bool(spec.get("liger", False)), "cap_gib": spec["cap_gib"],
-            "allocator_cap_gib": spec["cap_gib"] - 1.0, **found}
+    return {
+        "shape": spec["shape"],
+        "path": spec["path"],
+        "attn": spec.get("attn", "sdpa"),
+        "liger": bool(spec.get("liger", False)),
+        "cap_gib": spec["cap_gib"],
+        "allocator_cap_gib": spec["cap_gib"] - 1.0,
+        **found,
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,8 +447,14 @@ def run_cap(spec: dict) -> dict:
 def _child(spec: dict, timeout: int) -> dict | None:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false"}
     try:
-        proc = subprocess.run([sys.executable, "-m", "bench.gpu_bench", "--child", json.dumps(spec)], cwd=REPO,
-                              capture_output=True, text=True, timeout=timeout, env=env)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.gpu_bench", "--child", json.dumps(spec)],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
     except subprocess.TimeoutExpired:
         sys.stderr.write(f"timed out after {timeout}s: {spec}\n")
         return None
@@ -379,8 +467,11 @@ def _child(spec: dict, timeout: int) -> dict | None:
 def variants(shape: str) -> list[dict]:
     import importlib.util
 
-    out = [{"path": BASELINE}, {"path": OURS, "attn": "sdpa_packed", "liger": False},
-           {"path": OURS, "attn": "sdpa_packed", "liger": True}]
+    out = [
+        {"path": BASELINE},
+        {"path": OURS, "attn": "sdpa_packed", "liger": False},
+        {"path": OURS, "attn": "sdpa_packed", "liger": True},
+    ]
     if shape != "qwen2.5-32b":  # the attention comparison once, on the 7B shape
         out.append({"path": OURS, "attn": "sdpa", "liger": True})
         if importlib.util.find_spec("flash_attn") is not None:
@@ -402,19 +493,29 @@ def summarize(runs: list[dict]) -> list[dict]:
         row["rounds"] = len(group)
         rows.append(row)
     for row in rows:
-        base = next((b for b in rows if b["path"] == BASELINE and b["shape"] == row["shape"]
-                     and b["distribution"] == row["distribution"]), None)
+        base = next(
+            (
+                b
+                for b in rows
+                if b["path"] == BASELINE and b["shape"] == row["shape"] and b["distribution"] == row["distribution"]
+            ),
+            None,
+        )
         row["speedup_vs_baseline"] = round(row["tokens_per_s"] / base["tokens_per_s"], 2) if base else None
-        row["peak_mem_vs_baseline"] = (round(row["peak_gb"] / base["peak_gb"], 2)
-                                       if base and row["peak_gb"] and base["peak_gb"] else None)
+        row["peak_mem_vs_baseline"] = (
+            round(row["peak_gb"] / base["peak_gb"], 2) if base and row["peak_gb"] and base["peak_gb"] else None
+        )
     return rows
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--shapes", default="qwen2.5-7b,qwen2.5-32b")
-    parser.add_argument("--distributions", default="medical_reasoning,kocommercial",
-                        help="length distributions for the first shape; later shapes use the first only")
+    parser.add_argument(
+        "--distributions",
+        default="medical_reasoning,kocommercial",
+        help="length distributions for the first shape; later shapes use the first only",
+    )
     parser.add_argument("--tokens", type=int, default=4096, help="real tokens per micro-batch (one pack)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=4)
@@ -448,32 +549,45 @@ def main() -> None:
             for distribution in args.distributions.split(",")[: None if i == 0 else 1]:
                 for _ in range(args.rounds):  # alternated, so drift hits every variant alike
                     for variant in variants(shape):
-                        result = _child({**common, **variant, "shape": shape, "distribution": distribution},
-                                        args.timeout)
+                        result = _child(
+                            {**common, **variant, "shape": shape, "distribution": distribution}, args.timeout
+                        )
                         if result:
                             runs.append(result)
                             sys.stdout.write(json.dumps(result) + "\n")
-            write_results(f"gpu_train_{shape}", summarize(runs), (
-                f"{device}, torch {torch.__version__}. QLoRA (NF4, double quant, bf16 compute, LoRA r=16 on q,k,v,o,"
-                f"gate,up,down) of a {shape}-shaped Qwen2 with random weights; {args.tokens} real tokens per "
-                f"micro-batch, gradient checkpointing on both sides, {args.steps} steps of which {args.warmup} "
-                f"warm-up, median over {args.rounds} alternated rounds. baseline = prepare_model_for_kbit_training + "
-                "get_peft_model + Trainer, padding to the longest row, sdpa; ours = recipes/stage1_medical.yaml through "
-                "StageSFTTrainer, padding-free packing. MFU formula in bench/gpu_bench.py (LoRA = 2/3 of 6N plus "
-                "causal attention). peak_gb = torch.cuda.max_memory_allocated during training, weights included."))
+            write_results(
+                f"gpu_train_{shape}",
+                summarize(runs),
+                (
+                    f"{device}, torch {torch.__version__}. QLoRA (NF4, double quant, bf16 compute, LoRA r=16 on q,k,v,o,"
+                    f"gate,up,down) of a {shape}-shaped Qwen2 with random weights; {args.tokens} real tokens per "
+                    f"micro-batch, gradient checkpointing on both sides, {args.steps} steps of which {args.warmup} "
+                    f"warm-up, median over {args.rounds} alternated rounds. baseline = prepare_model_for_kbit_training + "
+                    "get_peft_model + Trainer, padding to the longest row, sdpa; ours = recipes/stage1_medical.yaml through "
+                    "StageSFTTrainer, padding-free packing. MFU formula in bench/gpu_bench.py (LoRA = 2/3 of 6N plus "
+                    "causal attention). peak_gb = torch.cuda.max_memory_allocated during training, weights included."
+                ),
+            )
     if not args.skip_cap:
         caps = []
         lengths = args.cap_lengths.split(",")
         for variant in ({"path": OURS, "attn": "sdpa_packed", "liger": True}, {"path": BASELINE}):
-            result = _child({**variant, "mode": "cap", "shape": shapes[-1], "cap_gib": args.cap_gib,
-                             "lengths": lengths}, args.timeout)
+            result = _child(
+                {**variant, "mode": "cap", "shape": shapes[-1], "cap_gib": args.cap_gib, "lengths": lengths},
+                args.timeout,
+            )
             if result:
                 caps.append(result)
                 sys.stdout.write(json.dumps(result) + "\n")
-        write_results("gpu_longest_sequence_24gb", caps, (
-            f"Longest single sequence that trains (2 optimizer steps) for the {shapes[-1]} shape with PyTorch's "
-            f"allocator capped at {args.cap_gib - 1:.0f} GiB on {device} (a {args.cap_gib:.0f} GB card minus 1 GiB "
-            "for the CUDA context): a simulation of an RTX 4090, not a measurement on one."))
+        write_results(
+            "gpu_longest_sequence_24gb",
+            caps,
+            (
+                f"Longest single sequence that trains (2 optimizer steps) for the {shapes[-1]} shape with PyTorch's "
+                f"allocator capped at {args.cap_gib - 1:.0f} GiB on {device} (a {args.cap_gib:.0f} GB card minus 1 GiB "
+                "for the CUDA context): a simulation of an RTX 4090, not a measurement on one."
+            ),
+        )
 
 
 if __name__ == "__main__":

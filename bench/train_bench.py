@@ -48,8 +48,9 @@ def padding_efficiency(lens: list[int], max_length: int, batch: int) -> dict:
     real = sum(lens)
     rng = np.random.default_rng(1)
     order = rng.permutation(len(lens))
-    longest = sum(max(lens[j] for j in order[i: i + batch]) * len(order[i: i + batch])
-                  for i in range(0, len(order), batch))
+    longest = sum(
+        max(lens[j] for j in order[i : i + batch]) * len(order[i : i + batch]) for i in range(0, len(order), batch)
+    )
     from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 
     ds = Dataset.from_dict({"input_ids": [[1] * n for n in lens]})
@@ -59,11 +60,16 @@ def padding_efficiency(lens: list[int], max_length: int, batch: int) -> dict:
     # Slots as TRL's padding-free collator actually lays them out, two packs per micro-batch.
     collator = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)
     rows = packed.to_list()
-    slots = sum(collator([dict(r) for r in rows[i: i + 2]])["input_ids"].numel() for i in range(0, n_packs, 2))
-    return {"rows": len(lens), "p50": int(np.percentile(lens, 50)), "p99": int(np.percentile(lens, 99)),
-            "packed_padding_free": round(real / slots, 3),
-            "pack_fill": round(packed_tokens / (n_packs * max_length), 3),
-            "pad_to_longest": round(real / longest, 3), "pad_to_max_length": round(real / (len(lens) * max_length), 3)}
+    slots = sum(collator([dict(r) for r in rows[i : i + 2]])["input_ids"].numel() for i in range(0, n_packs, 2))
+    return {
+        "rows": len(lens),
+        "p50": int(np.percentile(lens, 50)),
+        "p99": int(np.percentile(lens, 99)),
+        "packed_padding_free": round(real / slots, 3),
+        "pack_fill": round(packed_tokens / (n_packs * max_length), 3),
+        "pad_to_longest": round(real / longest, 3),
+        "pad_to_max_length": round(real / (len(lens) * max_length), 3),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -87,8 +93,11 @@ ALL_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj
 def padded_labels(row: dict) -> dict:
     """A bench row as a plain script feeds it: mask of ones, prompt labels -100 (the collator pads)."""
     ids = row["input_ids"]
-    return {"input_ids": ids, "attention_mask": [1] * len(ids),
-            "labels": [t if m else -100 for t, m in zip(ids, row["completion_mask"], strict=True)]}
+    return {
+        "input_ids": ids,
+        "attention_mask": [1] * len(ids),
+        "labels": [t if m else -100 for t, m in zip(ids, row["completion_mask"], strict=True)],
+    }
 
 
 class _Timer:
@@ -123,20 +132,39 @@ def _run_ours(rows, tiny, tokenizer, max_length, batch_tokens, steps, warmup, ou
     from train.models.loading import peft_lora_config
 
     # Same precision and no activation checkpointing on both sides: only the data path differs.
-    recipe = recipe_from_dict({"stage": "bench", "output_dir": out,
-                               "model": {"dtype": "float32", "gradient_checkpointing": False,
-                                         "attn_implementation": "sdpa_packed"},
-                               "lora": {"r": 16, "alpha": 16}, "data": {"sources": [
-        {"name": "x", "path": "data_prep/samples/kocommercial_sample.jsonl", "schema": "kocommercial"}],
-        "max_length": max_length}, "training": {
-        "per_device_train_batch_size": max(1, batch_tokens // max_length), "gradient_accumulation_steps": 1,
-        "max_steps": steps, "logging_steps": 1000, "save_steps": 100000, "report_to": ["none"]}})
+    recipe = recipe_from_dict(
+        {
+            "stage": "bench",
+            "output_dir": out,
+            "model": {"dtype": "float32", "gradient_checkpointing": False, "attn_implementation": "sdpa_packed"},
+            "lora": {"r": 16, "alpha": 16},
+            "data": {
+                "sources": [
+                    {"name": "x", "path": "data_prep/samples/kocommercial_sample.jsonl", "schema": "kocommercial"}
+                ],
+                "max_length": max_length,
+            },
+            "training": {
+                "per_device_train_batch_size": max(1, batch_tokens // max_length),
+                "gradient_accumulation_steps": 1,
+                "max_steps": steps,
+                "logging_steps": 1000,
+                "save_steps": 100000,
+                "report_to": ["none"],
+            },
+        }
+    )
     ds = datasets.Dataset.from_list(rows)
     model = AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32, attn_implementation="sdpa_packed")
     timer = _Timer(warmup)
-    trainer = StageSFTTrainer(model=model, args=build_sft_config(recipe, out, False), train_dataset=ds,
-                              processing_class=tokenizer, peft_config=peft_lora_config(recipe.lora),
-                              callbacks=[timer.callback])
+    trainer = StageSFTTrainer(
+        model=model,
+        args=build_sft_config(recipe, out, False),
+        train_dataset=ds,
+        processing_class=tokenizer,
+        peft_config=peft_lora_config(recipe.lora),
+        callbacks=[timer.callback],
+    )
     original = trainer.training_step
 
     def counted(model, inputs, num_items_in_batch=None):
@@ -156,15 +184,29 @@ def _run_baseline(rows, tiny, tokenizer, rows_per_batch, steps, warmup, out) -> 
     from transformers import AutoModelForCausalLM, DataCollatorForSeq2Seq, Trainer, TrainingArguments
 
     ds = datasets.Dataset.from_list([padded_labels(r) for r in rows])
-    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32),
-                           LoraConfig(r=16, lora_alpha=16, target_modules=ALL_PROJECTIONS))
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny, dtype=torch.float32),
+        LoraConfig(r=16, lora_alpha=16, target_modules=ALL_PROJECTIONS),
+    )
     timer = _Timer(warmup)
-    args = TrainingArguments(output_dir=out, per_device_train_batch_size=rows_per_batch, max_steps=steps,
-                             logging_steps=1000, save_steps=100000, report_to=[], use_cpu=True, learning_rate=2e-4,
-                             disable_tqdm=True)
-    trainer = Trainer(model=model, args=args, train_dataset=ds,
-                      data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
-                      callbacks=[timer.callback])
+    args = TrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=rows_per_batch,
+        max_steps=steps,
+        logging_steps=1000,
+        save_steps=100000,
+        report_to=[],
+        use_cpu=True,
+        learning_rate=2e-4,
+        disable_tqdm=True,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=ds,
+        data_collator=DataCollatorForSeq2Seq(tokenizer, padding="longest", label_pad_token_id=-100),
+        callbacks=[timer.callback],
+    )
     original = trainer.training_step
 
     def counted(model, inputs, num_items_in_batch=None):
@@ -191,11 +233,16 @@ def throughput(kind: str, rounds: int, out: str) -> dict:
     for _ in range(rounds):  # alternated, so drift hits both alike
         ours.append(_run_ours(rows, tiny, tokenizer, max_length, batch_tokens, steps, warmup, out))
         base.append(_run_baseline(rows, tiny, tokenizer, rows_per_batch, steps, warmup, out))
-    return {"distribution": kind, "ours_tokens_per_s": round(statistics.median(ours)),
-            "baseline_tokens_per_s": round(statistics.median(base)),
-            "speedup": round(statistics.median(ours) / statistics.median(base), 2), "rounds": rounds,
-            "rows_per_baseline_batch": rows_per_batch, "ours_runs": [round(x) for x in ours],
-            "baseline_runs": [round(x) for x in base]}
+    return {
+        "distribution": kind,
+        "ours_tokens_per_s": round(statistics.median(ours)),
+        "baseline_tokens_per_s": round(statistics.median(base)),
+        "speedup": round(statistics.median(ours) / statistics.median(base), 2),
+        "rounds": rounds,
+        "rows_per_baseline_batch": rows_per_batch,
+        "ours_runs": [round(x) for x in ours],
+        "baseline_runs": [round(x) for x in base],
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -207,8 +254,15 @@ def ce_memory(path: str) -> dict:
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
-    config = Qwen2Config(vocab_size=152064, hidden_size=64, intermediate_size=256, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=False)
+    config = Qwen2Config(
+        vocab_size=152064,
+        hidden_size=64,
+        intermediate_size=256,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=False,
+    )
     model = Qwen2ForCausalLM(config)
     seq = 4096
     ids = torch.randint(0, 152064, (1, seq))
@@ -223,17 +277,26 @@ def ce_memory(path: str) -> dict:
 
         from train.models.tiny import ensure_tiny_model
 
-        trainer = SFTTrainer(model=model, args=SFTConfig(output_dir="/tmp/ce-bench", use_cpu=True, report_to=[],
-                                                         max_length=seq),
-                             train_dataset=datasets.Dataset.from_dict({"input_ids": [[1, 2]]}),
-                             processing_class=AutoTokenizer.from_pretrained(ensure_tiny_model()))
+        trainer = SFTTrainer(
+            model=model,
+            args=SFTConfig(output_dir="/tmp/ce-bench", use_cpu=True, report_to=[], max_length=seq),
+            train_dataset=datasets.Dataset.from_dict({"input_ids": [[1, 2]]}),
+            processing_class=AutoTokenizer.from_pretrained(ensure_tiny_model()),
+        )
         before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        loss = trainer.compute_loss(trainer.model, {"input_ids": ids, "labels": labels,
-                                                    "position_ids": torch.arange(seq)[None]})
+        loss = trainer.compute_loss(
+            trainer.model, {"input_ids": ids, "labels": labels, "position_ids": torch.arange(seq)[None]}
+        )
     loss.backward()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"path": path, "seq_tokens": seq, "vocab": 152064, "loss": round(float(loss), 3),
-            "peak_rss_mb": round(peak / 1024), "step_rss_growth_mb": round((peak - before) / 1024)}
+    return {
+        "path": path,
+        "seq_tokens": seq,
+        "vocab": 152064,
+        "loss": round(float(loss), 3),
+        "peak_rss_mb": round(peak / 1024),
+        "step_rss_growth_mb": round((peak - before) / 1024),
+    }
 
 
 def main() -> None:
@@ -250,32 +313,53 @@ def main() -> None:
     pad = []
     for kind in ("medical_reasoning", "kocommercial"):
         lens = lengths(kind, 20000, 4096)
-        pad.append({"distribution": kind, "max_length": 4096, "batch_rows": 8,
-                    **padding_efficiency(lens, 4096, batch=8)})
-    write_results("padding_efficiency", pad, (
-        "Real tokens / token slots for 20,000 synthetic rows per distribution (log-normal lengths, clipped to "
-        "4096). packed_padding_free: TRL best-fit-decreasing packing flattened without padding (our path); "
-        "pack_fill: tokens per pack / max_length; pad_to_longest: batches of 8 random rows padded to their "
-        "longest; pad_to_max_length: every row padded to 4096."))
+        pad.append(
+            {"distribution": kind, "max_length": 4096, "batch_rows": 8, **padding_efficiency(lens, 4096, batch=8)}
+        )
+    write_results(
+        "padding_efficiency",
+        pad,
+        (
+            "Real tokens / token slots for 20,000 synthetic rows per distribution (log-normal lengths, clipped to "
+            "4096). packed_padding_free: TRL best-fit-decreasing packing flattened without padding (our path); "
+            "pack_fill: tokens per pack / max_length; pad_to_longest: batches of 8 random rows padded to their "
+            "longest; pad_to_max_length: every row padded to 4096."
+        ),
+    )
     rates = []
     with __import__("tempfile").TemporaryDirectory() as tmp:
         for kind in ("medical_reasoning", "kocommercial"):
             rates.append(throughput(kind, args.rounds, tmp))
-    write_results("train_throughput", rates, (
-        "Effective (non-pad) tokens/s of a LoRA training step on the tiny Qwen2 model (fp32, CPU, 1 thread): ours = "
-        "TRL SFTTrainer with padding-free packing to 1024 tokens, 2 packs per step, sdpa_packed attention; baseline = plain "
-        "Transformers Trainer + PEFT, DataCollatorForSeq2Seq padding to the longest row, the same rows per step "
-        "on average. Same 600 synthetic rows per distribution (max 1024 tokens), 8 steps per run of which 2 "
-        "warm-up, runs alternated, median over rounds."))
+    write_results(
+        "train_throughput",
+        rates,
+        (
+            "Effective (non-pad) tokens/s of a LoRA training step on the tiny Qwen2 model (fp32, CPU, 1 thread): ours = "
+            "TRL SFTTrainer with padding-free packing to 1024 tokens, 2 packs per step, sdpa_packed attention; baseline = plain "
+            "Transformers Trainer + PEFT, DataCollatorForSeq2Seq padding to the longest row, the same rows per step "
+            "on average. Same 600 synthetic rows per distribution (max 1024 tokens), 8 steps per run of which 2 "
+            "warm-up, runs alternated, median over rounds."
+        ),
+    )
     ce = []
     for path in ("plain", "ours"):
-        proc = subprocess.run([sys.executable, "-m", "bench.train_bench", "--ce", path], cwd=REPO,
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "bench.train_bench", "--ce", path],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         ce.append(json.loads(proc.stdout.strip().splitlines()[-1]))
-    write_results("cross_entropy_memory", ce, (
-        "One forward+backward of 4096 tokens at Qwen's vocabulary (152,064) with hidden size 64 (so the logits "
-        "dominate), each path in its own process: plain = model(labels=...) materializing fp32 logits; ours = "
-        "TRL SFTTrainer.compute_loss (what our trainer runs). peak_rss_mb is the process peak."))
+    write_results(
+        "cross_entropy_memory",
+        ce,
+        (
+            "One forward+backward of 4096 tokens at Qwen's vocabulary (152,064) with hidden size 64 (so the logits "
+            "dominate), each path in its own process: plain = model(labels=...) materializing fp32 logits; ours = "
+            "TRL SFTTrainer.compute_loss (what our trainer runs). peak_rss_mb is the process peak."
+        ),
+    )
     for section in (pad, rates, ce):
         for row in section:
             sys.stdout.write(json.dumps(row) + "\n")

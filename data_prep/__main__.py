@@ -46,10 +46,15 @@ def _codeio(args) -> None:
 
 
 COMMANDS = [
-    Command("build", "raw sources -> the stage's processed, validated dataset (the default command)",
-            _build_arguments, _build),
-    Command("codeio", "CodeI/O rows: Python functions run in a sandbox, verified predictions", _codeio_arguments,
-            _codeio),
+    Command(
+        "build",
+        "raw sources -> the stage's processed, validated dataset (the default command)",
+        _build_arguments,
+        _build,
+    ),
+    Command(
+        "codeio", "CodeI/O rows: Python functions run in a sandbox, verified predictions", _codeio_arguments, _codeio
+    ),
 ]
 
 

@@ -118,8 +118,7 @@ def _deduplicate(kept: list, data) -> tuple[list, list[Reject]]:
             how = f"cosine >= {cfg.semantic_threshold} ({cfg.semantic_model})"
         for index, original in sorted(dropped.items()):
             rec, orig = kept[index][1], kept[original][1]
-            removed.append(Reject(rec.source, rec.row_id, "near_duplicate",
-                                  f"{how} with {orig.source}:{orig.row_id}"))
+            removed.append(Reject(rec.source, rec.row_id, "near_duplicate", f"{how} with {orig.source}:{orig.row_id}"))
         kept = [item for i, item in enumerate(kept) if i not in dropped]
     return kept, removed
 
@@ -130,9 +129,16 @@ def _decontaminate(kept: list, data, tokenizer) -> tuple[list, list[Reject]]:
     texts = [t for path in data.decontaminate for t in eval_texts(path, REPO_ROOT)]
     eval_ids = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
     bad = set(dedup.contaminated_rows([r.input_ids for r, _ in kept], eval_ids, data.decontaminate_ngram))
-    removed = [Reject(rec.source, rec.row_id, "contaminated",
-                      f"shares a {data.decontaminate_ngram}-token n-gram with {', '.join(data.decontaminate)}")
-               for i, (_, rec) in enumerate(kept) if i in bad]
+    removed = [
+        Reject(
+            rec.source,
+            rec.row_id,
+            "contaminated",
+            f"shares a {data.decontaminate_ngram}-token n-gram with {', '.join(data.decontaminate)}",
+        )
+        for i, (_, rec) in enumerate(kept)
+        if i in bad
+    ]
     return [item for i, item in enumerate(kept) if i not in bad], removed
 
 
@@ -156,8 +162,13 @@ def _percentiles(lengths: list[int]) -> dict:
     import numpy as np
 
     arr = np.asarray(lengths)
-    return {"p50": int(np.percentile(arr, 50)), "p90": int(np.percentile(arr, 90)),
-            "p99": int(np.percentile(arr, 99)), "max": int(arr.max()), "mean": round(float(arr.mean()), 1)}
+    return {
+        "p50": int(np.percentile(arr, 50)),
+        "p90": int(np.percentile(arr, 90)),
+        "p99": int(np.percentile(arr, 99)),
+        "max": int(arr.max()),
+        "mean": round(float(arr.mean()), 1),
+    }
 
 
 def _write_histogram(lengths: list[int], max_length: int, path: Path, title: str) -> None:
@@ -182,15 +193,17 @@ def _write_parquet(rows: list[tuple[Rendered, Record]], path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pa.table({
-        "id": [f"{rec.source}:{rec.row_id}" for _, rec in rows],
-        "source": [rec.source for _, rec in rows],
-        "prompt": [r.prompt for r, _ in rows],
-        "completion": [r.completion for r, _ in rows],
-        "input_ids": [r.input_ids for r, _ in rows],
-        "completion_mask": [r.completion_mask for r, _ in rows],
-        "num_tokens": [len(r.input_ids) for r, _ in rows],
-    })
+    table = pa.table(
+        {
+            "id": [f"{rec.source}:{rec.row_id}" for _, rec in rows],
+            "source": [rec.source for _, rec in rows],
+            "prompt": [r.prompt for r, _ in rows],
+            "completion": [r.completion for r, _ in rows],
+            "input_ids": [r.input_ids for r, _ in rows],
+            "completion_mask": [r.completion_mask for r, _ in rows],
+            "num_tokens": [len(r.input_ids) for r, _ in rows],
+        }
+    )
     pq.write_table(table, path)
 
 
@@ -244,8 +257,9 @@ def build(recipe: Recipe, tokenizer) -> dict:
             f"{top.row_id}: {top.detail}; all listed in {out / 'rejects.jsonl'}"
         )
     if not mixed:
-        raise UserError(f"recipe {recipe.source_path}: no rows left after validation and length policy; "
-                        f"see {out / 'rejects.jsonl'}")
+        raise UserError(
+            f"recipe {recipe.source_path}: no rows left after validation and length policy; see {out / 'rejects.jsonl'}"
+        )
     n_eval = int(round(len(mixed) * data.eval_fraction)) if len(mixed) > 1 else 0
     if data.eval_fraction > 0 and len(mixed) > 1:
         n_eval = max(1, n_eval)
@@ -293,13 +307,18 @@ def format_report(manifest: dict) -> str:
     lp = manifest["length_policy"]
     extra = ", ".join(f"{k}={v}" for k, v in lp.items() if k not in ("policy", "max_length")) or "none"
     lines.append(f"  length policy {lp['policy']} at {lp['max_length']} tokens: {extra}")
-    lines.append(f"  duplicates removed: exact {manifest['duplicates_removed']}, near "
-                 f"{manifest['near_duplicates_removed']} ({manifest['near_dedup_method']}, "
-                 f"{manifest['dedup_seconds']}s), contaminated {manifest['contaminated_removed']}")
+    lines.append(
+        f"  duplicates removed: exact {manifest['duplicates_removed']}, near "
+        f"{manifest['near_duplicates_removed']} ({manifest['near_dedup_method']}, "
+        f"{manifest['dedup_seconds']}s), contaminated {manifest['contaminated_removed']}"
+    )
     pct = manifest["length_percentiles"]
-    lines.append(f"  tokens/example p50={pct.get('p50')} p90={pct.get('p90')} p99={pct.get('p99')} max={pct.get('max')}")
-    lines.append(f"  train rows {manifest['train_rows']} ({manifest['train_tokens']} tokens), eval rows "
-                 f"{manifest['eval_rows']}")
+    lines.append(
+        f"  tokens/example p50={pct.get('p50')} p90={pct.get('p90')} p99={pct.get('p99')} max={pct.get('max')}"
+    )
+    lines.append(
+        f"  train rows {manifest['train_rows']} ({manifest['train_tokens']} tokens), eval rows {manifest['eval_rows']}"
+    )
     return "\n".join(lines)
 
 
@@ -311,8 +330,10 @@ def processed_state(recipe: Recipe, tokenizer) -> str:
     if manifest is None:
         return "missing"
     if manifest.get("fingerprint") != expected:
-        return (f"stale (fingerprint {manifest.get('fingerprint')} != {expected}: a source, the data settings or "
-                "the tokenizer changed)")
+        return (
+            f"stale (fingerprint {manifest.get('fingerprint')} != {expected}: a source, the data settings or "
+            "the tokenizer changed)"
+        )
     return "fresh"
 
 
@@ -330,8 +351,9 @@ def load_processed(recipe: Recipe, tokenizer, allow_build: bool):
     state = processed_state(recipe, tokenizer)
     if state != "fresh":
         if not allow_build:
-            raise UserError(f"processed data in {out} is {state}; run `python -m data_prep {recipe.source_path}` "
-                            "before launching")
+            raise UserError(
+                f"processed data in {out} is {state}; run `python -m data_prep {recipe.source_path}` before launching"
+            )
         log.info("processed data in %s is %s: building it", out, state)
         manifest = build(recipe, tokenizer)
         log.info("\n%s", format_report(manifest))

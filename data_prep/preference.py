@@ -27,8 +27,11 @@ from train.core.log import get_logger, is_main_process
 from train.core.paths import REPO_ROOT
 
 log = get_logger("preference_data")
-FIELDS = {"preference": ("prompt", "chosen", "rejected"), "ratings": ("prompt", "response", "rating"),
-          "verifiable": ("question", "answer")}
+FIELDS = {
+    "preference": ("prompt", "chosen", "rejected"),
+    "ratings": ("prompt", "response", "rating"),
+    "verifiable": ("question", "answer"),
+}
 
 
 def _text(value) -> str | None:
@@ -51,7 +54,9 @@ def build_preference_data(recipe: Recipe, tokenizer, out: Path):
             cells = {f: raw.cells.get(col) for f, col in names.items()}
 
             def reject(reason, detail, raw=raw, source=source):
-                rejects.append(Reject(source.name, raw.row_id, reason, detail, {k: str(v) for k, v in raw.cells.items()}))
+                rejects.append(
+                    Reject(source.name, raw.row_id, reason, detail, {k: str(v) for k, v in raw.cells.items()})
+                )
 
             question = _text(cells.get("prompt") or cells.get("question"))
             if question is None:
@@ -85,14 +90,25 @@ def build_preference_data(recipe: Recipe, tokenizer, out: Path):
                 rows.append({"prompt": prompt, "ground_truth": answer, "source": source.name})
         for prompt, answers in by_prompt.items():  # ratings -> every pair at least `ratings_margin` apart
             answers.sort(key=lambda a: -a[1])
-            pairs = [(hi, lo) for i, hi in enumerate(answers) for lo in answers[i + 1:]
-                     if hi[1] - lo[1] >= recipe.preference.ratings_margin]
+            pairs = [
+                (hi, lo)
+                for i, hi in enumerate(answers)
+                for lo in answers[i + 1 :]
+                if hi[1] - lo[1] >= recipe.preference.ratings_margin
+            ]
             if not pairs:
-                rejects.append(Reject(source.name, answers[0][2], "no_pair",
-                                      f"{len(answers)} rating(s) within {recipe.preference.ratings_margin} of each other",
-                                      {"prompt": prompt[:200]}))
-            rows.extend({"prompt": prompt, "chosen": hi[0], "rejected": lo[0], "source": source.name}
-                        for hi, lo in pairs)
+                rejects.append(
+                    Reject(
+                        source.name,
+                        answers[0][2],
+                        "no_pair",
+                        f"{len(answers)} rating(s) within {recipe.preference.ratings_margin} of each other",
+                        {"prompt": prompt[:200]},
+                    )
+                )
+            rows.extend(
+                {"prompt": prompt, "chosen": hi[0], "rejected": lo[0], "source": source.name} for hi, lo in pairs
+            )
     if is_main_process():  # every rank builds the same rows in memory; one writes the files
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
@@ -103,16 +119,24 @@ def build_preference_data(recipe: Recipe, tokenizer, out: Path):
     random.Random(recipe.training.seed).shuffle(rows)
     n_eval = int(len(rows) * recipe.preference.eval_fraction) if recipe.method != "grpo" else 0
     train, held = rows[n_eval:], rows[:n_eval]
-    manifest = {"method": recipe.method, "raw_rows": dict(raw_counts), "rows": len(rows),
-                "rejected": dict(Counter(r.reason for r in rejects)), "train_rows": len(train), "eval_rows": len(held)}
+    manifest = {
+        "method": recipe.method,
+        "raw_rows": dict(raw_counts),
+        "rows": len(rows),
+        "rejected": dict(Counter(r.reason for r in rejects)),
+        "train_rows": len(train),
+        "eval_rows": len(held),
+    }
     if is_main_process():
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n",
-                                           encoding="utf-8")
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     if rejects:
         log.warning("%d row(s) rejected %s, written to %s", len(rejects), manifest["rejected"], out / "rejects.jsonl")
 
     def to_ds(items):
-        return datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "source"} for r in items]) \
-            if items else None
+        return (
+            datasets.Dataset.from_list([{k: v for k, v in r.items() if k != "source"} for r in items])
+            if items
+            else None
+        )
 
     return to_ds(train), to_ds(held), manifest

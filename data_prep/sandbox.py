@@ -17,7 +17,7 @@ import tempfile
 from dataclasses import dataclass
 
 # Runs inside the child; reads {"code", "call", "kwargs", "limits"} from stdin, writes one JSON line.
-_CHILD = r'''
+_CHILD = r"""
 import io, json, os, resource, sys, contextlib
 payload = json.loads(sys.stdin.read())
 limits = payload["limits"]
@@ -67,7 +67,7 @@ except PermissionError as err:
     emit({"ok": False, "reason": forbidden, "detail": f"PermissionError: {err}"[:500]})
 except BaseException as err:
     emit({"ok": False, "reason": "raised", "detail": f"{type(err).__name__}: {err}"[:500]})
-'''
+"""
 
 
 @dataclass
@@ -78,22 +78,38 @@ class Limits:
     file_bytes: int = 1_000_000
 
 
-def run_sandboxed(code: str, call: str, kwargs: dict | None = None, limits: Limits | None = None,
-                  seed: int = 0) -> dict:
+def run_sandboxed(
+    code: str, call: str, kwargs: dict | None = None, limits: Limits | None = None, seed: int = 0
+) -> dict:
     """{"ok": True, "value": ...} or {"ok": False, "reason": timeout|memory|raised|huge_output|not_serializable|
     network|file_write|crashed, "detail": ...}.
 
     With `kwargs` None, `call` is an input generator and receives a seeded random.Random.
     """
     limits = limits or Limits()
-    payload = {"code": code, "call": call, "kwargs": kwargs, "seed": seed,
-               "limits": {"memory_mb": limits.memory_mb, "cpu_s": max(1, int(limits.timeout_s) + 1),
-                          "file_bytes": limits.file_bytes, "max_output_chars": limits.max_output_chars}}
+    payload = {
+        "code": code,
+        "call": call,
+        "kwargs": kwargs,
+        "seed": seed,
+        "limits": {
+            "memory_mb": limits.memory_mb,
+            "cpu_s": max(1, int(limits.timeout_s) + 1),
+            "file_bytes": limits.file_bytes,
+            "max_output_chars": limits.max_output_chars,
+        },
+    }
     with tempfile.TemporaryDirectory(prefix="sandbox-") as workdir:
         try:
-            proc = subprocess.run([sys.executable, "-I", "-c", _CHILD], input=json.dumps(payload), cwd=workdir,
-                                  capture_output=True, text=True, timeout=limits.timeout_s,
-                                  env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"})
+            proc = subprocess.run(
+                [sys.executable, "-I", "-c", _CHILD],
+                input=json.dumps(payload),
+                cwd=workdir,
+                capture_output=True,
+                text=True,
+                timeout=limits.timeout_s,
+                env={"PATH": "/usr/bin:/bin", "OMP_NUM_THREADS": "1"},
+            )
         except subprocess.TimeoutExpired:
             return {"ok": False, "reason": "timeout", "detail": f"no result within {limits.timeout_s}s"}
     lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]

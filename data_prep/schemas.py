@@ -96,8 +96,11 @@ def to_record(row: RawRow, source: SourceConfig, seed: int) -> Record:
     mapping = source.columns
     question = _text(cells, mapping["question"])
     answer = _check_think(_text(cells, mapping["answer"]), mapping["answer"])
-    reasoning = _check_think(_text(cells, mapping["reasoning"], required=False), mapping["reasoning"]) \
-        if "reasoning" in mapping else None
+    reasoning = (
+        _check_think(_text(cells, mapping["reasoning"], required=False), mapping["reasoning"])
+        if "reasoning" in mapping
+        else None
+    )
     system = _text(cells, mapping["system"], required=False) if "system" in mapping else None
     if "context" in mapping:  # context QA: the passage comes first, as `train eval` renders {context}{question}
         context = _text(cells, mapping["context"])

@@ -34,8 +34,13 @@ class Reject:
     row: dict | None = None
 
     def to_json(self) -> dict:
-        return {"source": self.source, "row_id": self.row_id, "reason": self.reason, "detail": self.detail,
-                "row": self.row}
+        return {
+            "source": self.source,
+            "row_id": self.row_id,
+            "reason": self.reason,
+            "detail": self.detail,
+            "row": self.row,
+        }
 
 
 def resolve_local(path: str, root: Path) -> Path | None:
@@ -94,7 +99,9 @@ def _iter_file(path: Path, source: str, rejects: list[Reject]) -> Iterator[RawRo
         try:
             data = json.loads(text)
         except json.JSONDecodeError as err:
-            raise UserError(f"{path}: not valid JSON (line {err.lineno}: {err.msg}); use .jsonl for line-wise data") from None
+            raise UserError(
+                f"{path}: not valid JSON (line {err.lineno}: {err.msg}); use .jsonl for line-wise data"
+            ) from None
         if isinstance(data, dict):  # {"train": [...]} or {"data": [...]} dumps
             lists = [v for v in data.values() if isinstance(v, list)]
             if len(lists) != 1:

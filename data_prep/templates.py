@@ -44,7 +44,7 @@ def render_completion(record: Record, prompt: str, empty_think: bool) -> str:
         body = record.answer
     # R1's chat template already opens the think block in the generation prompt.
     if prompt.endswith(f"{THINK_OPEN}\n") and body.startswith(f"{THINK_OPEN}\n"):
-        body = body[len(THINK_OPEN) + 1:]
+        body = body[len(THINK_OPEN) + 1 :]
     return body
 
 
@@ -62,9 +62,11 @@ def tokenize_pairs(prompts: list[str], completions: list[str], tokenizer, chunk_
     out: list[Rendered] = []
     # Chunks bound memory: a batch call keeps every Encoding (offsets, masks) alive until it returns.
     for start in range(0, len(prompts), chunk_size):
-        p_chunk, c_chunk = prompts[start: start + chunk_size], completions[start: start + chunk_size]
+        p_chunk, c_chunk = prompts[start : start + chunk_size], completions[start : start + chunk_size]
         prompt_ids = tokenizer(p_chunk, add_special_tokens=False)["input_ids"]
         completion_ids = tokenizer(c_chunk, add_special_tokens=False)["input_ids"]
-        out.extend(Rendered(p, c, pi, ci + [eos])
-                   for p, c, pi, ci in zip(p_chunk, c_chunk, prompt_ids, completion_ids, strict=True))
+        out.extend(
+            Rendered(p, c, pi, ci + [eos])
+            for p, c, pi, ci in zip(p_chunk, c_chunk, prompt_ids, completion_ids, strict=True)
+        )
     return out

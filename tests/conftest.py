@@ -69,8 +69,9 @@ def write_jsonl(path: Path, rows: list) -> Path:
     return path
 
 
-def train_tiny_stage(recipe_name: str, out: Path, data_dir: Path, parent: Path | None = None,
-                     model: dict | None = None, **training) -> dict:
+def train_tiny_stage(
+    recipe_name: str, out: Path, data_dir: Path, parent: Path | None = None, model: dict | None = None, **training
+) -> dict:
     """Train a shipped tiny recipe briefly into `out` (max_length 256, no intermediate checkpoints)."""
     from train.methods.sft import run_sft
 

@@ -22,8 +22,9 @@ class _Handler(BaseHTTPRequestHandler):
 
     def do_POST(self):  # noqa: N802 - http.server's naming
         body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-        self.server.requests.append({"method": "POST", "path": self.path,
-                                     "authorization": self.headers.get("Authorization"), "body": body})
+        self.server.requests.append(
+            {"method": "POST", "path": self.path, "authorization": self.headers.get("Authorization"), "body": body}
+        )
         base = f"http://127.0.0.1:{self.server.server_port}"
         if self.path == "/api/repos/create":
             payload = json.loads(body)
@@ -41,17 +42,20 @@ class _Handler(BaseHTTPRequestHandler):
             return self._reply(200, {"errors": [], "warnings": []})
         if "/preupload/" in self.path:
             files = json.loads(body)["files"]
-            return self._reply(200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False}
-                                               for f in files]})
+            return self._reply(
+                200, {"files": [{"path": f["path"], "uploadMode": "regular", "shouldIgnore": False} for f in files]}
+            )
         if "/commit/" in self.path:
             repo = self.path.split("/api/models/")[1].split("/commit/")[0]
-            return self._reply(200, {"commitUrl": f"{base}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40,
-                                     "pullRequestUrl": None})
+            return self._reply(
+                200, {"commitUrl": f"{base}/{repo}/commit/{'a' * 40}", "commitOid": "a" * 40, "pullRequestUrl": None}
+            )
         return self._reply(404, {"error": "not found"})
 
     def do_GET(self):  # noqa: N802
-        self.server.requests.append({"method": "GET", "path": self.path,
-                                     "authorization": self.headers.get("Authorization"), "body": b""})
+        self.server.requests.append(
+            {"method": "GET", "path": self.path, "authorization": self.headers.get("Authorization"), "body": b""}
+        )
         self._reply(404, {"error": "not found"})
 
     def log_message(self, *args):  # keep test output clean

@@ -73,8 +73,15 @@ def test_finetuned_beats_untrained_and_reports_every_metric(trained, tmp_path):
 
     recipe, report = trained
     m = report["metrics"]
-    for key in ("f1_micro", "f1_macro", "f1_samples", "jaccard_samples", "roc_auc_micro", "subset_accuracy",
-                "hamming_loss"):
+    for key in (
+        "f1_micro",
+        "f1_macro",
+        "f1_samples",
+        "jaccard_samples",
+        "roc_auc_micro",
+        "subset_accuracy",
+        "hamming_loss",
+    ):
         assert key in m
     assert report["labels"] == LABELS and len(m["roc_auc_per_label"]) == 4
     untrained_dir = tmp_path / "untrained"
@@ -99,8 +106,11 @@ def test_frozen_layers_do_not_change(trained):
     recipe, report = trained
     before = load_file(f"{resolve_encoder('minilm')}/model.safetensors")
     after = load_file(f"{report['model_dir']}/model.safetensors")
-    frozen = [k for k in before if k.startswith(("embeddings.", "encoder.layer.0.", "encoder.layer.3."))
-              and f"bert.{k}" in after]  # buffers such as position_ids are not saved
+    frozen = [
+        k
+        for k in before
+        if k.startswith(("embeddings.", "encoder.layer.0.", "encoder.layer.3.")) and f"bert.{k}" in after
+    ]  # buffers such as position_ids are not saved
     trainable = [k for k in before if k.startswith("encoder.layer.5.")]
     assert frozen and trainable
     assert all((before[k] == after[f"bert.{k}"]).all() for k in frozen)
@@ -138,9 +148,16 @@ def test_single_label_with_lora(tmp_path):
     rows = [json.loads(line) for line in open(REPO / "data_prep/samples/keyword_tags_sample.jsonl", encoding="utf-8")]
     single = [{"text": r["text"], "label": r["labels"][0]} for r in rows if r["text"] and len(r["labels"]) == 1]
     data = write_jsonl(tmp_path / "single.jsonl", single)
-    recipe = _recipe(tmp_path / "single", model__problem_type="single_label", model__lora=True,
-                     data__train=str(data), data__label_field="label", training__pos_weight=False,
-                     training__learning_rate=2e-3, training__num_train_epochs=8)
+    recipe = _recipe(
+        tmp_path / "single",
+        model__problem_type="single_label",
+        model__lora=True,
+        data__train=str(data),
+        data__label_field="label",
+        training__pos_weight=False,
+        training__learning_rate=2e-3,
+        training__num_train_epochs=8,
+    )
     report = run_classification(recipe)
     assert report["metrics"]["accuracy"] > 0.5  # 4 classes: chance is 0.25
     assert not list((tmp_path / "single" / "model").glob("adapter_*"))  # LoRA merged into a plain classifier

@@ -73,8 +73,14 @@ def test_misspelled_override(capsys, tmp_path, stage1_dict):
 def test_real_cli_process_exits_2_with_one_line(tmp_path, stage1_dict):
     stage1_dict["data"]["sources"][0]["path"] = str(tmp_path / "missing.json")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "train", "sft", write_recipe(tmp_path, stage1_dict)],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "train", "sft", write_recipe(tmp_path, stage1_dict)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("error: data file not found")
     assert "Traceback" not in proc.stderr
@@ -86,9 +92,24 @@ def test_unreachable_hub_fails_at_once_instead_of_retrying(tmp_path):
     env.update(OMP_NUM_THREADS="1", HF_ENDPOINT="http://127.0.0.1:9", HF_HOME=str(tmp_path / "hf"))  # nothing listens
     for proxy in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy"):
         env.pop(proxy, None)
-    proc = subprocess.run([sys.executable, "-m", "train", "pick-strategy", "recipes/stage1_medical.yaml", "--gpus", "1",
-                           "--gpu-memory-gb", "24"],
-                          cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "pick-strategy",
+            "recipes/stage1_medical.yaml",
+            "--gpus",
+            "1",
+            "--gpu-memory-gb",
+            "24",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "Retrying" not in proc.stderr
     assert "unreachable" in proc.stderr and "using the local HF cache only" in proc.stderr

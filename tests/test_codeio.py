@@ -43,16 +43,31 @@ def test_bad_functions_are_rejected_with_their_reason_and_the_run_goes_on(tmp_pa
     for name, code in BAD.items():
         (folder / name).write_text(code)
     (folder / "broken.py").write_text("def main(:\n")
-    manifest = build_codeio(CodeIOSpec(functions_dir=str(folder), out=str(tmp_path / "out"), timeout_s=2,
-                                       memory_mb=256, max_output_chars=1000))
-    assert manifest["rejected"] == {"raised": 1, "timeout": 1, "huge_output": 1, "not_serializable": 1, "memory": 1,
-                                    "bad_source": 1}
+    manifest = build_codeio(
+        CodeIOSpec(
+            functions_dir=str(folder), out=str(tmp_path / "out"), timeout_s=2, memory_mb=256, max_output_chars=1000
+        )
+    )
+    assert manifest["rejected"] == {
+        "raised": 1,
+        "timeout": 1,
+        "huge_output": 1,
+        "not_serializable": 1,
+        "memory": 1,
+        "bad_source": 1,
+    }
     assert manifest["rows"] == 4 and manifest["by_direction"] == {"output": 2, "input": 2}  # good.py, both ways
     rows = [json.loads(line) for line in open(tmp_path / "out" / "codeio.jsonl", encoding="utf-8")]
     assert {r["Response"] for r in rows if r["direction"] == "output"} == {"[1, 3]", "[2, 5]"}
     rejects = [json.loads(line) for line in open(tmp_path / "out" / "rejects.jsonl", encoding="utf-8")]
-    assert {r["function"] for r in rejects} == {"raises.py", "loops.py", "prints.py", "returns_set.py", "hog.py",
-                                                "broken.py"}
+    assert {r["function"] for r in rejects} == {
+        "raises.py",
+        "loops.py",
+        "prints.py",
+        "returns_set.py",
+        "hog.py",
+        "broken.py",
+    }
 
 
 def test_input_prediction_is_verified_by_running_it():
@@ -83,8 +98,11 @@ def test_teacher_path_with_the_tiny_local_model(tmp_path):
     folder = tmp_path / "f"
     folder.mkdir()
     (folder / "good.py").write_text(BAD["good.py"])
-    spec = CodeIOSpec(functions_dir=str(folder), out=str(tmp_path / "out"),
-                      teacher=TeacherConfig(kind="local", model="tiny", max_new_tokens=24, revise=True))
+    spec = CodeIOSpec(
+        functions_dir=str(folder),
+        out=str(tmp_path / "out"),
+        teacher=TeacherConfig(kind="local", model="tiny", max_new_tokens=24, revise=True),
+    )
     manifest = build_codeio(spec)
     assert manifest["verified"] + manifest["revised"] + manifest["failed"] == manifest["questions"] == 4
     assert manifest["rows"] == manifest["verified"] + manifest["revised"]  # only answers execution confirmed

@@ -15,8 +15,7 @@ SHIPPED = sorted((REPO / "recipes").rglob("*.yaml"))
 
 def test_recipes_are_shipped():
     names = {p.relative_to(REPO / "recipes").as_posix() for p in SHIPPED}
-    assert {"stage1_medical.yaml", "stage2_korean.yaml", "tiny/stage1_medical.yaml",
-            "tiny/stage2_korean.yaml"} <= names
+    assert {"stage1_medical.yaml", "stage2_korean.yaml", "tiny/stage1_medical.yaml", "tiny/stage2_korean.yaml"} <= names
 
 
 @pytest.mark.parametrize("path", SHIPPED, ids=lambda p: p.relative_to(REPO / "recipes").as_posix())
@@ -44,11 +43,25 @@ def test_real_recipes_carry_the_team_hyperparameters():
     assert recipe.model.name_or_path == "deepseek-ai/DeepSeek-R1-Distill-Qwen-32B"
     assert recipe.model.quantization == "nf4" and recipe.model.dtype == "bfloat16"
     assert (recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout) == (16, 16, 0.0)
-    assert set(recipe.lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                               "down_proj"}
+    assert set(recipe.lora.target_modules) == {
+        "q_proj",
+        "k_proj",
+        "v_proj",
+        "o_proj",
+        "gate_proj",
+        "up_proj",
+        "down_proj",
+    }
     t = recipe.training
-    assert (t.per_device_train_batch_size, t.gradient_accumulation_steps, t.learning_rate, t.warmup_steps,
-            t.weight_decay, t.seed, t.lr_scheduler_type) == (2, 4, 2e-4, 5, 0.01, 3407, "linear")
+    assert (
+        t.per_device_train_batch_size,
+        t.gradient_accumulation_steps,
+        t.learning_rate,
+        t.warmup_steps,
+        t.weight_decay,
+        t.seed,
+        t.lr_scheduler_type,
+    ) == (2, 4, 2e-4, 5, 0.01, 3407, "linear")
     stage2 = load_recipe(REPO / "recipes/stage2_korean.yaml")
     assert stage2.parent == recipe.output_dir
 

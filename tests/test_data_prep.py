@@ -11,16 +11,26 @@ from conftest import make_recipe, write_jsonl
 from data_prep.build import build, fingerprint, load_processed
 from train.core.errors import UserError
 
-GOOD = {"Question": "A 45-year-old man has chest pain. Diagnosis?", "Complex_CoT": "Chest pain suggests ischemia.",
-        "Response": "Myocardial infarction."}
+GOOD = {
+    "Question": "A 45-year-old man has chest pain. Diagnosis?",
+    "Complex_CoT": "Chest pain suggests ischemia.",
+    "Response": "Myocardial infarction.",
+}
 
 
 def medical_recipe(tmp_path, source_path, **data_overrides):
     data = {
-        "stage": "t", "output_dir": str(tmp_path / "out"),
-        "data": {"sources": [{"name": "med", "path": str(source_path), "schema": "medical_o1"}],
-                 "processed_dir": str(tmp_path / "processed"), "eval_fraction": 0.0, "max_reject_fraction": 1.0,
-                 "max_length": 512, "dedup": {"near": "none"}, **data_overrides},
+        "stage": "t",
+        "output_dir": str(tmp_path / "out"),
+        "data": {
+            "sources": [{"name": "med", "path": str(source_path), "schema": "medical_o1"}],
+            "processed_dir": str(tmp_path / "processed"),
+            "eval_fraction": 0.0,
+            "max_reject_fraction": 1.0,
+            "max_length": 512,
+            "dedup": {"near": "none"},
+            **data_overrides,
+        },
     }
     return make_recipe(data)
 
@@ -28,13 +38,13 @@ def medical_recipe(tmp_path, source_path, **data_overrides):
 def defect_fixture(tmp_path):
     rows = [dict(GOOD, Question=f"Case {i}: chest pain. Diagnosis?") for i in range(6)]
     rows += [
-        "{not json",                                                  # malformed_json
-        {"Question": "Q", "Complex_CoT": "C"},                        # missing_field (Response)
-        dict(GOOD, Response="   "),                                   # empty_field
-        dict(GOOD, Response=None),                                    # empty_field
-        dict(GOOD, Complex_CoT=["a", "list"]),                        # non_text
-        dict(GOOD, Complex_CoT="<think> never closed"),               # unclosed_think
-        dict(GOOD, Question="Case 0: chest pain. Diagnosis?"),        # duplicate of row 0
+        "{not json",  # malformed_json
+        {"Question": "Q", "Complex_CoT": "C"},  # missing_field (Response)
+        dict(GOOD, Response="   "),  # empty_field
+        dict(GOOD, Response=None),  # empty_field
+        dict(GOOD, Complex_CoT=["a", "list"]),  # non_text
+        dict(GOOD, Complex_CoT="<think> never closed"),  # unclosed_think
+        dict(GOOD, Question="Case 0: chest pain. Diagnosis?"),  # duplicate of row 0
     ]
     path = write_jsonl(tmp_path / "med.jsonl", rows)
     with open(path, "ab") as f:
@@ -50,8 +60,14 @@ def test_every_defect_kind_is_counted_and_written_aside(tmp_path, tokenizer):
     recipe = medical_recipe(tmp_path, defect_fixture(tmp_path))
     manifest = build(recipe, tokenizer)
     assert manifest["raw_rows"] == {"med": 14}
-    assert manifest["rejected"] == {"undecodable": 1, "malformed_json": 1, "missing_field": 1, "empty_field": 2,
-                                    "non_text": 1, "unclosed_think": 1}
+    assert manifest["rejected"] == {
+        "undecodable": 1,
+        "malformed_json": 1,
+        "missing_field": 1,
+        "empty_field": 2,
+        "non_text": 1,
+        "unclosed_think": 1,
+    }
     assert manifest["duplicates_removed"] == 1
     assert manifest["train_rows"] == 6 and manifest["eval_rows"] == 0
     rejects = read_rejects(tmp_path / "processed")
@@ -73,9 +89,14 @@ def test_reject_threshold_fails_the_build_naming_the_reason(tmp_path, tokenizer)
 
 def test_missing_column_everywhere_names_the_column(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "ko.jsonl", [{"instruction": "질문", "input": ""}] * 3)
-    data = {"stage": "t", "output_dir": str(tmp_path / "o"),
-            "data": {"sources": [{"name": "ko", "path": str(path), "schema": "kocommercial"}],
-                     "processed_dir": str(tmp_path / "p")}}
+    data = {
+        "stage": "t",
+        "output_dir": str(tmp_path / "o"),
+        "data": {
+            "sources": [{"name": "ko", "path": str(path), "schema": "kocommercial"}],
+            "processed_dir": str(tmp_path / "p"),
+        },
+    }
     with pytest.raises(UserError, match=r"column 'output' is missing"):
         build(make_recipe(data), tokenizer)
 
@@ -105,10 +126,16 @@ def test_aihub_xlsx_two_sheets_extra_columns_blank_cells(tmp_path, tokenizer):
     folder = tmp_path / "aihub"
     folder.mkdir()
     wb.save(folder / "pairs.xlsx")
-    data = {"stage": "t", "output_dir": str(tmp_path / "o"),
-            "data": {"sources": [{"name": "aihub", "path": str(folder), "schema": "aihub_translation",
-                                  "ko_to_en_ratio": 1.0}],
-                     "processed_dir": str(tmp_path / "p"), "eval_fraction": 0.0, "max_reject_fraction": 0.5}}
+    data = {
+        "stage": "t",
+        "output_dir": str(tmp_path / "o"),
+        "data": {
+            "sources": [{"name": "aihub", "path": str(folder), "schema": "aihub_translation", "ko_to_en_ratio": 1.0}],
+            "processed_dir": str(tmp_path / "p"),
+            "eval_fraction": 0.0,
+            "max_reject_fraction": 0.5,
+        },
+    }
     manifest = build(make_recipe(data), tokenizer)
     assert manifest["raw_rows"] == {"aihub": 3} and manifest["rejected"] == {"empty_field": 1}
     rows = pq.read_table(tmp_path / "p" / "train.parquet").to_pylist()
@@ -120,10 +147,16 @@ def test_aihub_xlsx_two_sheets_extra_columns_blank_cells(tmp_path, tokenizer):
 def test_translation_direction_ratio(tmp_path, tokenizer):
     pairs = [{"원문": f"문장 {i}입니다.", "번역문": f"This is sentence {i}."} for i in range(200)]
     path = write_jsonl(tmp_path / "pairs.jsonl", pairs)
-    data = {"stage": "t", "output_dir": str(tmp_path / "o"),
-            "data": {"sources": [{"name": "p", "path": str(path), "schema": "aihub_translation",
-                                  "ko_to_en_ratio": 0.25}],
-                     "processed_dir": str(tmp_path / "p"), "eval_fraction": 0.0, "dedup": {"near": "none"}}}
+    data = {
+        "stage": "t",
+        "output_dir": str(tmp_path / "o"),
+        "data": {
+            "sources": [{"name": "p", "path": str(path), "schema": "aihub_translation", "ko_to_en_ratio": 0.25}],
+            "processed_dir": str(tmp_path / "p"),
+            "eval_fraction": 0.0,
+            "dedup": {"near": "none"},
+        },
+    }
     build(make_recipe(data), tokenizer)
     rows = pq.read_table(tmp_path / "p" / "train.parquet").to_pylist()
     ko_to_en = sum("영어로 번역" in r["prompt"] for r in rows)
@@ -152,10 +185,19 @@ def test_length_policy_drop_truncate_error(tmp_path, tokenizer):
 def test_weights_mix_and_split_are_seeded(tmp_path, tokenizer):
     a = write_jsonl(tmp_path / "a.jsonl", [dict(GOOD, Question=f"A{i}?") for i in range(20)])
     b = write_jsonl(tmp_path / "b.jsonl", [dict(GOOD, Question=f"B{i}?") for i in range(20)])
-    data = {"stage": "t", "output_dir": str(tmp_path / "o"),
-            "data": {"sources": [{"name": "a", "path": str(a), "schema": "medical_o1", "weight": 0.5},
-                                 {"name": "b", "path": str(b), "schema": "medical_o1", "weight": 2.0}],
-                     "processed_dir": str(tmp_path / "p"), "eval_fraction": 0.1, "dedup": {"near": "none"}}}
+    data = {
+        "stage": "t",
+        "output_dir": str(tmp_path / "o"),
+        "data": {
+            "sources": [
+                {"name": "a", "path": str(a), "schema": "medical_o1", "weight": 0.5},
+                {"name": "b", "path": str(b), "schema": "medical_o1", "weight": 2.0},
+            ],
+            "processed_dir": str(tmp_path / "p"),
+            "eval_fraction": 0.1,
+            "dedup": {"near": "none"},
+        },
+    }
     manifest = build(make_recipe(data), tokenizer)
     assert manifest["mixed_rows"] == {"a": 10, "b": 40}
     assert manifest["train_rows"] == 45 and manifest["eval_rows"] == 5

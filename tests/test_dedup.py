@@ -11,13 +11,22 @@ from conftest import make_recipe, write_jsonl
 from data_prep.build import build
 from data_prep.dedup import contaminated_rows, minhash_duplicates
 
-SEOUL = ("다음 문장을 한 문장으로 요약하세요.", "서울은 대한민국의 수도이며 정치, 경제, 문화의 중심지이다.",
-         "서울은 인구 약 천만 명의 대한민국 수도입니다.")
+SEOUL = (
+    "다음 문장을 한 문장으로 요약하세요.",
+    "서울은 대한민국의 수도이며 정치, 경제, 문화의 중심지이다.",
+    "서울은 인구 약 천만 명의 대한민국 수도입니다.",
+)
 SEOUL_PARTICLE = (SEOUL[0], SEOUL[1].replace("서울은 대한민국의", "서울이 대한민국의"), SEOUL[2])  # 은 -> 이
-BLOOD_PRESSURE = ("고혈압 환자에게 권장되는 식습관을 설명해 주세요.", "",
-                  "고혈압 환자는 소금 섭취를 줄이고, 채소와 과일을 충분히 먹으며, 음주를 제한하는 것이 좋습니다.")
-WATER = ("물을 충분히 마셔야 하는 이유를 간단히 설명하세요.", "",
-         "물은 체온을 조절하고 노폐물을 배출하며 혈액 순환을 돕기 때문에 충분히 마셔야 합니다.")
+BLOOD_PRESSURE = (
+    "고혈압 환자에게 권장되는 식습관을 설명해 주세요.",
+    "",
+    "고혈압 환자는 소금 섭취를 줄이고, 채소와 과일을 충분히 먹으며, 음주를 제한하는 것이 좋습니다.",
+)
+WATER = (
+    "물을 충분히 마셔야 하는 이유를 간단히 설명하세요.",
+    "",
+    "물은 체온을 조절하고 노폐물을 배출하며 혈액 순환을 돕기 때문에 충분히 마셔야 합니다.",
+)
 
 
 def ko_rows(*triples):
@@ -25,9 +34,18 @@ def ko_rows(*triples):
 
 
 def ko_recipe(tmp_path, path, **data):
-    return make_recipe({"stage": "t", "output_dir": str(tmp_path / "o"),
-                        "data": {"sources": [{"name": "ko", "path": str(path), "schema": "kocommercial"}],
-                                 "processed_dir": str(tmp_path / "p"), "eval_fraction": 0.0, **data}})
+    return make_recipe(
+        {
+            "stage": "t",
+            "output_dir": str(tmp_path / "o"),
+            "data": {
+                "sources": [{"name": "ko", "path": str(path), "schema": "kocommercial"}],
+                "processed_dir": str(tmp_path / "p"),
+                "eval_fraction": 0.0,
+                **data,
+            },
+        }
+    )
 
 
 @pytest.mark.parametrize("method", ["minhash", "semantic"])
@@ -76,15 +94,34 @@ def test_hub_loader_reads_a_dataset_repository_with_configs(tmp_path, tokenizer)
     repo = tmp_path / "medical-o1-reasoning-SFT"
     for config, question in (("en", "A man has chest pain. Diagnosis?"), ("ko", "남성이 흉통을 호소합니다. 진단은?")):
         (repo / config).mkdir(parents=True)
-        write_jsonl(repo / config / "train.jsonl",
-                    [{"Question": question, "Complex_CoT": "Reasoning.", "Response": "Answer."}])
+        write_jsonl(
+            repo / config / "train.jsonl", [{"Question": question, "Complex_CoT": "Reasoning.", "Response": "Answer."}]
+        )
     (repo / "README.md").write_text(
         "---\nconfigs:\n- config_name: en\n  data_files:\n  - split: train\n    path: en/train.jsonl\n"
-        "- config_name: ko\n  data_files:\n  - split: train\n    path: ko/train.jsonl\n---\n", encoding="utf-8")
-    recipe = make_recipe({"stage": "t", "output_dir": str(tmp_path / "o"), "data": {
-        "sources": [{"name": "med", "path": str(repo), "schema": "medical_o1", "loader": "hub",
-                     "config_name": "ko", "split": "train"}],
-        "processed_dir": str(tmp_path / "p"), "eval_fraction": 0.0}})
+        "- config_name: ko\n  data_files:\n  - split: train\n    path: ko/train.jsonl\n---\n",
+        encoding="utf-8",
+    )
+    recipe = make_recipe(
+        {
+            "stage": "t",
+            "output_dir": str(tmp_path / "o"),
+            "data": {
+                "sources": [
+                    {
+                        "name": "med",
+                        "path": str(repo),
+                        "schema": "medical_o1",
+                        "loader": "hub",
+                        "config_name": "ko",
+                        "split": "train",
+                    }
+                ],
+                "processed_dir": str(tmp_path / "p"),
+                "eval_fraction": 0.0,
+            },
+        }
+    )
     manifest = build(recipe, tokenizer)
     assert manifest["raw_rows"] == {"med": 1}
     [row] = pq.read_table(tmp_path / "p" / "train.parquet").to_pylist()

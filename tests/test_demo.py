@@ -30,13 +30,15 @@ def test_demo_fast_end_to_end(tmp_path):
     assert len(samples) == 2 and all(isinstance(s["completion"], str) for s in samples)
     evaluation = saved["eval"]["members"]
     assert {"stage1_medical | greedy", "stage2_korean | beam3"} <= set(evaluation)
-    assert evaluation["stage2_korean | beam3"]["examples"] == 4 and "vote_over_candidates" in evaluation[
-        "stage2_korean | beam3"]
+    assert (
+        evaluation["stage2_korean | beam3"]["examples"] == 4
+        and "vote_over_candidates" in evaluation["stage2_korean | beam3"]
+    )
     assert saved["eval"]["ensemble"]["members"] == 4
     merge = saved["merge"]
     assert merge["merged_vs_base_plus_adapter"]["relative_diff"] <= 0.02 and merge["adapter_effect_max_abs_diff"] > 0
     assert (tmp_path / "merged" / "model.safetensors").is_file() and (tmp_path / "merged" / "README.md").is_file()
-    (name, gguf), = saved["gguf"]["files"].items()
+    ((name, gguf),) = saved["gguf"]["files"].items()
     assert name == "stage2_korean-q4_k_m.gguf" and (tmp_path / "merged" / "gguf" / name).stat().st_size == gguf["bytes"]
     assert gguf["tokenization_identical"] and gguf["within_tolerance"] and gguf["fallback_tensors"] == {}
     assert gguf["tensor_types"]["Q4_K"] > 0

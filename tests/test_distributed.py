@@ -22,8 +22,15 @@ from safetensors.torch import load_file
 pytestmark = pytest.mark.dist
 
 RECIPE = "recipes/tiny/stage1_medical.yaml"
-COMMON = ["training.max_steps=4", "training.logging_steps=1", "training.save_steps=2", "training.warmup_steps=0",
-          "training.learning_rate=2e-4", "data.max_length=256", "training.save_total_limit=null"]
+COMMON = [
+    "training.max_steps=4",
+    "training.logging_steps=1",
+    "training.save_steps=2",
+    "training.warmup_steps=0",
+    "training.learning_rate=2e-4",
+    "data.max_length=256",
+    "training.save_total_limit=null",
+]
 EXPECTED_SHARDING = {"ddp": "ddp", "zero2": "zero2", "zero3": "zero3", "fsdp": "fsdp2"}
 
 
@@ -34,15 +41,33 @@ def _free_port() -> int:
 
 
 def run(out: Path, data: Path, strategy: str | None, batch: int, extra: list[str] = ()) -> dict:
-    args = [RECIPE, *COMMON, f"data.processed_dir={data}", f"output_dir={out}",
-            f"training.per_device_train_batch_size={batch}", *extra]
+    args = [
+        RECIPE,
+        *COMMON,
+        f"data.processed_dir={data}",
+        f"output_dir={out}",
+        f"training.per_device_train_batch_size={batch}",
+        *extra,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
     if strategy is None:
         cmd = [sys.executable, "-m", "train", "sft", *args]
     else:
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-               f"accelerate_configs/{strategy}.yaml", "--num_processes", "2", "--main_process_port",
-               str(_free_port()), "-m", "train", "sft", *args]
+        cmd = [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            f"accelerate_configs/{strategy}.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "train",
+            "sft",
+            *args,
+        ]
         if strategy == "fsdp":
             env.update(FSDP_CPU_SHIM="1", PYTHONPATH=str(REPO / "tests" / "fsdp_cpu_shim"))
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -55,7 +80,10 @@ def losses(out: Path) -> list[float]:
 
 
 def max_adapter_diff(a: Path, b: Path) -> float:
-    x, y = load_file(a / "adapter" / "adapter_model.safetensors"), load_file(b / "adapter" / "adapter_model.safetensors")
+    x, y = (
+        load_file(a / "adapter" / "adapter_model.safetensors"),
+        load_file(b / "adapter" / "adapter_model.safetensors"),
+    )
     assert x.keys() == y.keys() and len(x) == 56  # 4 layers x 7 modules x (A, B): nothing dropped or empty
     return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
 
@@ -64,8 +92,13 @@ def max_adapter_diff(a: Path, b: Path) -> float:
 def reference(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     data = root / "data"
-    subprocess.run([sys.executable, "-m", "data_prep", RECIPE, "data.max_length=256", f"data.processed_dir={data}"],
-                   cwd=REPO, check=True, capture_output=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    subprocess.run(
+        [sys.executable, "-m", "data_prep", RECIPE, "data.max_length=256", f"data.processed_dir={data}"],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        env=dict(os.environ, OMP_NUM_THREADS="1"),
+    )
     run(root / "single", data, None, batch=2)
     return root, data
 
@@ -84,7 +117,8 @@ def test_two_processes_equal_one_and_resume(reference, strategy):
 
     # Checkpoints hold the adapter and its optimizer state, never a copy of the frozen base.
     base_bytes = sum(p.stat().st_size for p in (REPO / ".cache").glob("tiny-qwen2-*/model.safetensors")) / max(
-        1, len(list((REPO / ".cache").glob("tiny-qwen2-*/model.safetensors"))))
+        1, len(list((REPO / ".cache").glob("tiny-qwen2-*/model.safetensors")))
+    )
     checkpoint_bytes = sum(p.stat().st_size for p in (out / "checkpoint-2").rglob("*") if p.is_file())
     assert checkpoint_bytes < 0.5 * base_bytes, (checkpoint_bytes, base_bytes)
 
@@ -114,9 +148,25 @@ def test_fsdp_without_gpu_or_shim_is_refused(reference, tmp_path):
     """accelerate silently turns FSDP into DDP on CPU: the trainer must say so, not train."""
     root, data = reference
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/fsdp.yaml",
-           "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "train", "sft", RECIPE, *COMMON,
-           f"data.processed_dir={data}", f"output_dir={tmp_path / 'out'}", "training.per_device_train_batch_size=1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        "accelerate_configs/fsdp.yaml",
+        "--num_processes",
+        "2",
+        "--main_process_port",
+        str(_free_port()),
+        "-m",
+        "train",
+        "sft",
+        RECIPE,
+        *COMMON,
+        f"data.processed_dir={data}",
+        f"output_dir={tmp_path / 'out'}",
+        "training.per_device_train_batch_size=1",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode != 0
     assert "asked for fsdp but accelerate set up ddp" in proc.stderr
@@ -147,13 +197,38 @@ def test_preemption_of_one_rank_stops_all_ranks_at_the_same_step(reference):
 
     root, data = reference
     out = root / "ddp-preempted"
-    args = [RECIPE, *COMMON, "training.max_steps=12", "training.save_steps=100", f"data.processed_dir={data}",
-            f"output_dir={out}", "training.per_device_train_batch_size=1"]
+    args = [
+        RECIPE,
+        *COMMON,
+        "training.max_steps=12",
+        "training.save_steps=100",
+        f"data.processed_dir={data}",
+        f"output_dir={out}",
+        "training.per_device_train_batch_size=1",
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
-    proc = subprocess.Popen([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                             "accelerate_configs/ddp.yaml", "--num_processes", "2", "--main_process_port",
-                             str(_free_port()), "-m", "train", "sft", *args], cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "accelerate_configs/ddp.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "train",
+            "sft",
+            *args,
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 300
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and losses(out)):
         time.sleep(0.05)
@@ -165,11 +240,29 @@ def test_preemption_of_one_rank_stops_all_ranks_at_the_same_step(reference):
     step = int(stderr.split("preempted at step ")[1].split(";")[0])
     assert step < 12 and (out / f"checkpoint-{step}" / "checkpoint.json").is_file()
     assert not (out / "adapter").exists()  # rank 0 stopped too: nobody finished the stage
-    resumed = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
-                              "accelerate_configs/ddp.yaml", "--num_processes", "2", "--main_process_port",
-                              str(_free_port()), "-m", "train", "sft", *args,
-                              "training.resume_from_checkpoint=auto"], cwd=REPO, env=env, capture_output=True,
-                             text=True, timeout=900)
+    resumed = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            "accelerate_configs/ddp.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "train",
+            "sft",
+            *args,
+            "training.resume_from_checkpoint=auto",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     full = root / "ddp-12"
     run(full, data, "ddp", 1, ["training.max_steps=12", "training.save_steps=100"])

@@ -46,8 +46,9 @@ def untrained_adapter(qa_stage, tmp_path_factory):
 
     recipe = recipe_from_dict(json.loads((qa_stage / "stage.json").read_text())["recipe"])
     out = tmp_path_factory.mktemp("untrained")
-    get_peft_model(AutoModelForCausalLM.from_pretrained(ensure_tiny_model()), peft_lora_config(recipe.lora)) \
-        .save_pretrained(out)
+    get_peft_model(
+        AutoModelForCausalLM.from_pretrained(ensure_tiny_model()), peft_lora_config(recipe.lora)
+    ).save_pretrained(out)
     return out
 
 
@@ -60,13 +61,18 @@ def _cfg(qa_stage, **changes):
     return cfg
 
 
-def test_trained_model_beats_untrained_and_best_checkpoint_is_written(qa_stage, untrained_adapter, tmp_path,
-                                                                     monkeypatch):
+def test_trained_model_beats_untrained_and_best_checkpoint_is_written(
+    qa_stage, untrained_adapter, tmp_path, monkeypatch
+):
     import train.evaluation.task_eval as evaluation
 
-    cfg = _cfg(qa_stage, decodings=[DecodingConfig(name="greedy", max_new_tokens=12),
-                                    DecodingConfig(name="beam2", num_beams=2, num_return_sequences=2,
-                                                   max_new_tokens=12)])
+    cfg = _cfg(
+        qa_stage,
+        decodings=[
+            DecodingConfig(name="greedy", max_new_tokens=12),
+            DecodingConfig(name="beam2", num_beams=2, num_return_sequences=2, max_new_tokens=12),
+        ],
+    )
     original = evaluation.resolve_targets
 
     def with_untrained(specs, checkpoints):  # the untrained adapter joins as one more "checkpoint"
@@ -99,18 +105,31 @@ def test_trained_model_beats_untrained_and_best_checkpoint_is_written(qa_stage, 
 
 
 def test_prompt_variants_are_voted(qa_stage, tmp_path):
-    cfg = _cfg(qa_stage, max_examples=6, decodings=[DecodingConfig(name="greedy", max_new_tokens=12)],
-               prompt_variants=["{context}{question}", "{context}질문: {question}"])
+    cfg = _cfg(
+        qa_stage,
+        max_examples=6,
+        decodings=[DecodingConfig(name="greedy", max_new_tokens=12)],
+        prompt_variants=["{context}{question}", "{context}질문: {question}"],
+    )
     report = run_eval([str(qa_stage)], cfg, tmp_path / "eval")
     assert {"qa | greedy | prompt 0", "qa | greedy | prompt 1", "qa | greedy | vote over prompts"} <= set(
-        report["members"])
+        report["members"]
+    )
     assert "ensemble" in report  # two members
 
 
 def test_sampling_returns_seeded_distinct_candidates_and_votes_over_them(qa_stage, tmp_path):
     def sampled(seed, out):
-        dec = DecodingConfig(name="sc5", do_sample=True, temperature=1.5, top_k=0, top_p=1.0,
-                             num_return_sequences=5, max_new_tokens=8, seed=seed)
+        dec = DecodingConfig(
+            name="sc5",
+            do_sample=True,
+            temperature=1.5,
+            top_k=0,
+            top_p=1.0,
+            num_return_sequences=5,
+            max_new_tokens=8,
+            seed=seed,
+        )
         report = run_eval([str(qa_stage)], _cfg(qa_stage, max_examples=6, decodings=[dec]), tmp_path / out)
         rows = [json.loads(line) for line in open(tmp_path / out / "predictions.jsonl", encoding="utf-8")]
         return report, [[c["text"] for c in r["completions"]] for r in rows]
@@ -124,8 +143,15 @@ def test_sampling_returns_seeded_distinct_candidates_and_votes_over_them(qa_stag
 
 
 def test_eval_data_problems_are_counted_and_written_aside(tmp_path, qa_stage):
-    data = write_jsonl(tmp_path / "qa.jsonl", [{"question": "수도는?", "answers": ["서울"]}, "{broken",
-                                               {"question": "", "answers": ["x"]}, {"question": "q", "answers": []}])
+    data = write_jsonl(
+        tmp_path / "qa.jsonl",
+        [
+            {"question": "수도는?", "answers": ["서울"]},
+            "{broken",
+            {"question": "", "answers": ["x"]},
+            {"question": "q", "answers": []},
+        ],
+    )
     examples = load_examples(data, _cfg(qa_stage), tmp_path / "out")
     assert len(examples) == 1 and examples[0]["references"] == ["서울"]
     reasons = [json.loads(line)["reason"] for line in open(tmp_path / "out" / "rejected.jsonl")]
@@ -149,13 +175,39 @@ def test_decoding_specs_and_recipe_eval_section_are_strict():
 
 
 def test_generate_cli_reads_jsonl_and_writes_candidates(qa_stage, tmp_path):
-    questions = write_jsonl(tmp_path / "q.jsonl", [{"question": "대한민국의 수도는 서울이다.\n\n대한민국의 수도는 어디인가요?"},
-                                                   {"prompt": "일본의 수도는 도쿄이다.\n\n일본의 수도는 어디인가요?"}])
+    questions = write_jsonl(
+        tmp_path / "q.jsonl",
+        [
+            {"question": "대한민국의 수도는 서울이다.\n\n대한민국의 수도는 어디인가요?"},
+            {"prompt": "일본의 수도는 도쿄이다.\n\n일본의 수도는 어디인가요?"},
+        ],
+    )
     out = tmp_path / "answers.jsonl"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "train", "generate", str(qa_stage), "--input", str(questions),
-                           "--out", str(out), "--num-beams", "2", "--num-return-sequences", "2",
-                           "--max-new-tokens", "8"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "generate",
+            str(qa_stage),
+            "--input",
+            str(questions),
+            "--out",
+            str(out),
+            "--num-beams",
+            "2",
+            "--num-return-sequences",
+            "2",
+            "--max-new-tokens",
+            "8",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-1500:]
     rows = [json.loads(line) for line in open(out, encoding="utf-8")]
     assert len(rows) == 2 and all(len(r["completions"]) == 2 for r in rows)

@@ -24,8 +24,15 @@ def lineage(tmp_path_factory):
     """stage 1 (float32) -> stage 2 (QLoRA NF4, so its parent is merged then quantized), briefly trained."""
     root = tmp_path_factory.mktemp("export")
     train_tiny_stage("stage1_medical", root / "stage1", root / "data1", max_steps=10, logging_steps=5)
-    train_tiny_stage("stage2_korean", root / "stage2", root / "data2", parent=root / "stage1",
-                     model={"quantization": "nf4"}, max_steps=6, logging_steps=3)
+    train_tiny_stage(
+        "stage2_korean",
+        root / "stage2",
+        root / "data2",
+        parent=root / "stage1",
+        model={"quantization": "nf4"},
+        max_steps=6,
+        logging_steps=3,
+    )
     return root
 
 
@@ -73,8 +80,9 @@ def test_merge_chain_equals_base_plus_every_adapter_in_order(lineage, merged32, 
     stage_model, _, _ = load_stage_model(lineage / "stage2")  # base + stage-1 adapter + stage-2 adapter
     assert _max_diff(merged, _logits(stage_model, tokenizer, TEXTS)) < 1e-4
     # Only the last adapter, or the two in the wrong order of lineage, is a different model.
-    last_only = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32),
-                                          str(lineage / "stage2" / "adapter")).merge_and_unload()
+    last_only = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32), str(lineage / "stage2" / "adapter")
+    ).merge_and_unload()
     assert _max_diff(merged, _logits(last_only, tokenizer, TEXTS)) > 0.1
 
 
@@ -92,8 +100,9 @@ def test_merged_folder_is_complete_and_prompts_like_training(merged):
     assert GenerationConfig.from_pretrained(out).eos_token_id == tokenizer.eos_token_id
     # A reasoning-template stage gets a chat template that renders its training prompt.
     recipe = make_recipe(recipe_dict("stage2_korean"))
-    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "흉통?"}], tokenize=False,
-                                           add_generation_prompt=True)
+    prompt = tokenizer.apply_chat_template(
+        [{"role": "user", "content": "흉통?"}], tokenize=False, add_generation_prompt=True
+    )
     assert prompt == render_prompt("흉통?", recipe.data.system_prompt, "reasoning", tokenizer)
     card = (out / "README.md").read_text(encoding="utf-8")
     assert "license: apache-2.0" in card and "base_model: tiny" in card
@@ -109,8 +118,9 @@ def test_dequantize_merges_into_the_weights_training_saw(lineage, merged32, toke
     from train.models.loading import pin_4bit_cpu_path, quantization_config
 
     recipe = make_recipe(json.loads((lineage / "stage2" / "stage.json").read_text())["recipe"])
-    base = AutoModelForCausalLM.from_pretrained(lineage / "stage2" / "parent_merged", dtype=torch.float32,
-                                                quantization_config=quantization_config(recipe.model))
+    base = AutoModelForCausalLM.from_pretrained(
+        lineage / "stage2" / "parent_merged", dtype=torch.float32, quantization_config=quantization_config(recipe.model)
+    )
     pin_4bit_cpu_path(base)  # the 4-bit path training ran on (as load_model_for_training loads it), on any CPU
     trained = PeftModel.from_pretrained(base, str(lineage / "stage2" / "adapter"))
     reference = _logits(trained, tokenizer, TEXTS)
@@ -140,9 +150,24 @@ def test_push_to_hub_uploads_through_the_real_client_and_never_shows_the_token(l
     with FakeHub() as hub:
         env = {**os.environ, "HF_TOKEN": sentinel, "HF_ENDPOINT": hub.endpoint, "OMP_NUM_THREADS": "1"}
         env.pop("HF_HUB_OFFLINE", None)
-        proc = subprocess.run([sys.executable, "-m", "train", "merge", str(lineage / "stage2"), "--out", str(out),
-                               "--push-to-hub", "team/med-ko"], cwd=REPO, env=env, capture_output=True, text=True,
-                              timeout=300)
+        proc = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "train",
+                "merge",
+                str(lineage / "stage2"),
+                "--out",
+                str(out),
+                "--push-to-hub",
+                "team/med-ko",
+            ],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
         assert proc.returncode == 0, proc.stderr[-2000:]
         uploaded = hub.committed_files()
         auth = {r["authorization"] for r in hub.requests if r["method"] == "POST"}
@@ -155,9 +180,24 @@ def test_push_to_hub_uploads_through_the_real_client_and_never_shows_the_token(l
 
 def test_push_to_hub_without_a_token_fails_before_any_work(lineage, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")}
-    proc = subprocess.run([sys.executable, "-m", "train", "merge", str(lineage / "stage2"), "--out",
-                           str(tmp_path / "m"), "--push-to-hub", "team/x"], cwd=REPO, env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "merge",
+            str(lineage / "stage2"),
+            "--out",
+            str(tmp_path / "m"),
+            "--push-to-hub",
+            "team/x",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2 and "HF_TOKEN" in proc.stderr and not (tmp_path / "m").exists()
 
 
@@ -194,8 +234,15 @@ def test_q4_k_m_fallback_on_small_rows_is_reported(tmp_path, tiny_dir):
 
     from train.export.gguf import export_gguf
 
-    config = AutoConfig.from_pretrained(tiny_dir, hidden_size=64, intermediate_size=128, num_attention_heads=4,
-                                        num_key_value_heads=2, head_dim=16, initializer_range=0.05)
+    config = AutoConfig.from_pretrained(
+        tiny_dir,
+        hidden_size=64,
+        intermediate_size=128,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        initializer_range=0.05,
+    )
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "narrow")
     AutoTokenizer.from_pretrained(tiny_dir).save_pretrained(tmp_path / "narrow")

@@ -45,13 +45,18 @@ def test_packed_equals_unpacked_on_gpu(gpu_stage1, tiny_dir, tmp_path, attention
     tokenizer = load_tokenizer(recipe.model)
     train, _, _ = load_processed(recipe, tokenizer, allow_build=True)
     examples = train.select(range(12))
-    model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.bfloat16, attn_implementation=attention,
-                                                 device_map={"": 0}).eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_dir, dtype=torch.bfloat16, attn_implementation=attention, device_map={"": 0}
+    ).eval()
     logits = {}
     for packing in (True, False):
         r = make_recipe(gpu_stage1, [f"training.packing={packing}", "data.max_length=512"])
-        trainer = StageSFTTrainer(model=model, args=build_sft_config(r, str(tmp_path / str(packing)), False),
-                                  train_dataset=examples, processing_class=tokenizer)
+        trainer = StageSFTTrainer(
+            model=model,
+            args=build_sft_config(r, str(tmp_path / str(packing)), False),
+            train_dataset=examples,
+            processing_class=tokenizer,
+        )
         logits[packing] = {}
         for batch in trainer.get_train_dataloader():
             logits[packing].update({k: v.float() for k, v in _sequence_logits(model, _to_cuda(batch)).items()})
@@ -71,10 +76,13 @@ def test_liger_loss_equals_the_plain_loss(gpu_stage1, tmp_path):
         tokenizer = load_tokenizer(recipe.model)
         train, _, _ = load_processed(recipe, tokenizer, allow_build=True)
         torch.manual_seed(0)
-        trainer = StageSFTTrainer(model=load_model_for_training(recipe),
-                                  args=build_sft_config(recipe, str(tmp_path / str(liger)), False),
-                                  train_dataset=train.select(range(16)), processing_class=tokenizer,
-                                  peft_config=peft_lora_config(recipe.lora))
+        trainer = StageSFTTrainer(
+            model=load_model_for_training(recipe),
+            args=build_sft_config(recipe, str(tmp_path / str(liger)), False),
+            train_dataset=train.select(range(16)),
+            processing_class=tokenizer,
+            peft_config=peft_lora_config(recipe.lora),
+        )
         batch = _to_cuda(next(iter(trainer.get_train_dataloader())))
         with torch.no_grad():
             losses[liger] = float(trainer.compute_loss(trainer.model, batch))
@@ -96,7 +104,18 @@ def test_qlora_with_liger_and_packed_attention_trains(gpu_stage1):
 def test_gpu_bench_harness_reads_the_allocator():
     from bench.gpu_bench import OURS, run_variant
 
-    run = run_variant({"shape": "tiny", "distribution": "medical_reasoning", "tokens": 512, "steps": 4,
-                       "warmup": 1, "rows": 300, "path": OURS, "attn": "sdpa_packed", "liger": True})
+    run = run_variant(
+        {
+            "shape": "tiny",
+            "distribution": "medical_reasoning",
+            "tokens": 512,
+            "steps": 4,
+            "warmup": 1,
+            "rows": 300,
+            "path": OURS,
+            "attn": "sdpa_packed",
+            "liger": True,
+        }
+    )
     assert run["peak_gb"] > run["weights_gb"] > 0
     assert run["mfu"] is None or 0 < run["mfu"] < 1

@@ -23,6 +23,7 @@ from bench.gpu_bench import (
 
 pytestmark = pytest.mark.e2e
 
+
 @pytest.mark.parametrize("shape, billions", [("qwen2.5-7b", 7.6), ("qwen2.5-32b", 32.8)])
 def test_matmul_params_match_the_model_built_from_the_config(shape, billions):
     from transformers import Qwen2ForCausalLM
@@ -78,10 +79,19 @@ def test_random_state_dict_shares_one_buffer_and_loads_quantized():
 
 @pytest.fixture(scope="module")
 def tiny_runs():
-    spec = {"shape": "tiny", "distribution": "medical_reasoning", "tokens": 256, "steps": 4, "warmup": 1,
-            "rows": 200, "peak_tflops": 1.0}
-    return (run_variant({**spec, "path": OURS, "attn": "sdpa_packed", "liger": False}),
-            run_variant({**spec, "path": BASELINE}))
+    spec = {
+        "shape": "tiny",
+        "distribution": "medical_reasoning",
+        "tokens": 256,
+        "steps": 4,
+        "warmup": 1,
+        "rows": 200,
+        "peak_tflops": 1.0,
+    }
+    return (
+        run_variant({**spec, "path": OURS, "attn": "sdpa_packed", "liger": False}),
+        run_variant({**spec, "path": BASELINE}),
+    )
 
 
 def test_both_paths_run_and_report(tiny_runs):
@@ -109,11 +119,27 @@ def test_longest_trainable_stops_at_the_first_oom():
 
 def test_summarize_takes_medians_and_ratios_against_the_same_shape_baseline():
     def run(path, tps, mem, shape="s"):
-        return {"shape": shape, "distribution": "d", "path": path, "attn": "a", "liger": False,
-                "tokens_per_s": tps, "step_s_median": 1.0, "mfu": 0.1, "peak_gb": mem}
+        return {
+            "shape": shape,
+            "distribution": "d",
+            "path": path,
+            "attn": "a",
+            "liger": False,
+            "tokens_per_s": tps,
+            "step_s_median": 1.0,
+            "mfu": 0.1,
+            "peak_gb": mem,
+        }
 
-    rows = summarize([run(BASELINE, 100, 40), run(BASELINE, 120, 40), run(OURS, 300, 20), run(OURS, 200, 20),
-                      run(OURS, 900, 5, shape="other")])
+    rows = summarize(
+        [
+            run(BASELINE, 100, 40),
+            run(BASELINE, 120, 40),
+            run(OURS, 300, 20),
+            run(OURS, 200, 20),
+            run(OURS, 900, 5, shape="other"),
+        ]
+    )
     ours = next(r for r in rows if r["path"] == OURS and r["shape"] == "s")
     assert ours["tokens_per_s"] == 250 and ours["rounds"] == 2
     assert ours["speedup_vs_baseline"] == round(250 / 110, 2) and ours["peak_mem_vs_baseline"] == 0.5
@@ -124,6 +150,7 @@ def test_summarize_takes_medians_and_ratios_against_the_same_shape_baseline():
 def test_length_search_reuses_the_quantized_model_across_lengths():
     from bench.gpu_bench import run_cap
 
-    result = run_cap({"shape": "tiny", "path": OURS, "attn": "sdpa_packed", "liger": False, "cap_gib": 24.0,
-                      "lengths": [64, 128]})
+    result = run_cap(
+        {"shape": "tiny", "path": OURS, "attn": "sdpa_packed", "liger": False, "cap_gib": 24.0, "lengths": [64, 128]}
+    )
     assert result["longest_fitting"] == 128 and result["first_oom"] is None and result["tried"] == [64, 128]

@@ -16,8 +16,14 @@ from train.methods.launch import (
     pick_strategy,
 )
 
-QWEN_32B = Qwen2Config(hidden_size=5120, num_hidden_layers=64, num_attention_heads=40, num_key_value_heads=8,
-                       intermediate_size=27648, vocab_size=152064)
+QWEN_32B = Qwen2Config(
+    hidden_size=5120,
+    num_hidden_layers=64,
+    num_attention_heads=40,
+    num_key_value_heads=8,
+    intermediate_size=27648,
+    vocab_size=152064,
+)
 
 
 def test_32b_size_and_strategy_choice():
@@ -48,13 +54,22 @@ def test_detect_launch_from_accelerate_variables(monkeypatch, tmp_path):
     ("changes", "launch", "message"),
     [
         ({"backend": "unsloth"}, Launch("ddp", 2), "backend 'unsloth' runs on one GPU only"),
-        ({"model": {"quantization": "nf4", "dtype": "bfloat16"}}, Launch("fsdp", 8),
-         "set model.quant_storage: bfloat16"),
-        ({"model": {"quantization": "nf4", "dtype": "bfloat16"}}, Launch("zero3", 8),
-         "set model.quant_storage: bfloat16"),
+        (
+            {"model": {"quantization": "nf4", "dtype": "bfloat16"}},
+            Launch("fsdp", 8),
+            "set model.quant_storage: bfloat16",
+        ),
+        (
+            {"model": {"quantization": "nf4", "dtype": "bfloat16"}},
+            Launch("zero3", 8),
+            "set model.quant_storage: bfloat16",
+        ),
         ({"model": {"quantization": "int8", "dtype": "bfloat16"}}, Launch("fsdp", 2), "int8 cannot be sharded"),
-        ({"training": {"global_batch_size": 10, "per_device_train_batch_size": 2}}, Launch("ddp", 3),
-         "not a multiple of per_device_train_batch_size x processes = 2 x 3"),
+        (
+            {"training": {"global_batch_size": 10, "per_device_train_batch_size": 2}},
+            Launch("ddp", 3),
+            "not a multiple of per_device_train_batch_size x processes = 2 x 3",
+        ),
     ],
 )
 def test_invalid_combinations_fail_with_the_fix(stage1_dict, changes, launch, message):

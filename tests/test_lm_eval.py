@@ -19,8 +19,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def medical_stage(tmp_path_factory):
     root = tmp_path_factory.mktemp("lme")
-    train_tiny_stage("stage1_medical", root / "stage1", root / "data", max_steps=6, learning_rate=3e-3,
-                     warmup_steps=0)
+    train_tiny_stage("stage1_medical", root / "stage1", root / "data", max_steps=6, learning_rate=3e-3, warmup_steps=0)
     return root / "stage1"
 
 
@@ -76,8 +75,10 @@ def test_cli_writes_into_the_stage_folder_and_bad_requests_fail_before_loading(m
     from train.models.tiny import ensure_tiny_model  # a model folder (merged or base) is scored as it is
 
     base = run_lm_eval(str(ensure_tiny_model()), ["kormedmcqa_sample"], tmp_path / "base", limit=2)
-    assert base["target"] == {"model": str(ensure_tiny_model())} and base["n_samples"]["kormedmcqa_sample"][
-        "effective"] == 2
+    assert (
+        base["target"] == {"model": str(ensure_tiny_model())}
+        and base["n_samples"]["kormedmcqa_sample"]["effective"] == 2
+    )
     gguf = tmp_path / "model.gguf"
     gguf.write_bytes(b"GGUF")
     with pytest.raises(UserError, match="merged folder"):

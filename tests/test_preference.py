@@ -33,8 +33,17 @@ def _recipe(name: str, root, **training):
 
 def test_reward_functions():
     good = "<think>\nreasoning\n</think>\nThe most likely diagnosis is asthma."
-    assert format_reward([], [good, "reasoning\n</think>\nAsthma.", "no reasoning", "<think>\nnever closed",
-                              "<think>\n</think>\n", "<think>x</think>\n<think>again"]) == [1, 1, 0, 0, 0, 0]
+    assert format_reward(
+        [],
+        [
+            good,
+            "reasoning\n</think>\nAsthma.",
+            "no reasoning",
+            "<think>\nnever closed",
+            "<think>\n</think>\n",
+            "<think>x</think>\n<think>again",
+        ],
+    ) == [1, 1, 0, 0, 0, 0]
     assert exact_answer_reward([], [good, good], ground_truth=["asthma", "gout"]) == [1.0, 0.0]
 
 
@@ -73,8 +82,9 @@ def test_grpo_raises_the_format_reward(sft_parent):
 def test_preference_recipes_are_checked(sft_parent, tmp_path):
     data = yaml.safe_load((REPO / "recipes" / "tiny" / "dpo.yaml").read_text(encoding="utf-8"))
     wrong = copy.deepcopy(data)
-    wrong["data"]["sources"] = [{"name": "m", "path": "data_prep/samples/medical_o1_sample.json",
-                                 "schema": "medical_o1"}]
+    wrong["data"]["sources"] = [
+        {"name": "m", "path": "data_prep/samples/medical_o1_sample.json", "schema": "medical_o1"}
+    ]
     with pytest.raises(UserError, match="method 'dpo' cannot use"):
         make_recipe(wrong)
     grpo = yaml.safe_load((REPO / "recipes" / "tiny" / "grpo.yaml").read_text(encoding="utf-8"))
@@ -82,9 +92,13 @@ def test_preference_recipes_are_checked(sft_parent, tmp_path):
     with pytest.raises(UserError, match="preference.reward_model is not set"):
         make_recipe(grpo)
     empty = copy.deepcopy(data)
-    empty["data"]["sources"] = [{"name": "e", "schema": "preference",
-                                 "path": str(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "q", "chosen": "a",
-                                                                                  "rejected": "a"}]))}]
+    empty["data"]["sources"] = [
+        {
+            "name": "e",
+            "schema": "preference",
+            "path": str(write_jsonl(tmp_path / "e.jsonl", [{"prompt": "q", "chosen": "a", "rejected": "a"}])),
+        }
+    ]
     empty.update(output_dir=str(tmp_path / "o"), parent=str(sft_parent / "sft"))
     empty["data"]["processed_dir"] = str(tmp_path / "d")
     with pytest.raises(UserError, match="no usable dpo rows"):

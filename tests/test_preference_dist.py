@@ -17,14 +17,37 @@ pytestmark = pytest.mark.dist
 
 def _dpo(root, parent, strategy, batch):
     data = yaml.safe_load((REPO / "recipes/tiny/dpo.yaml").read_text(encoding="utf-8"))
-    args = ["recipes/tiny/dpo.yaml", f"parent={parent}", f"output_dir={root / (strategy or 'single')}",
-            f"data.processed_dir={root / ('data-' + (strategy or 'single'))}", "training.max_steps=3",
-            "training.logging_steps=1", "training.warmup_steps=0", f"training.per_device_train_batch_size={batch}"]
+    args = [
+        "recipes/tiny/dpo.yaml",
+        f"parent={parent}",
+        f"output_dir={root / (strategy or 'single')}",
+        f"data.processed_dir={root / ('data-' + (strategy or 'single'))}",
+        "training.max_steps=3",
+        "training.logging_steps=1",
+        "training.warmup_steps=0",
+        f"training.per_device_train_batch_size={batch}",
+    ]
     assert data["method"] == "dpo"
     env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "train", "dpo", *args] if strategy is None else [
-        sys.executable, "-m", "accelerate.commands.launch", "--config_file", f"accelerate_configs/{strategy}.yaml",
-        "--num_processes", "2", "--main_process_port", str(_free_port()), "-m", "train", "dpo", *args]
+    cmd = (
+        [sys.executable, "-m", "train", "dpo", *args]
+        if strategy is None
+        else [
+            sys.executable,
+            "-m",
+            "accelerate.commands.launch",
+            "--config_file",
+            f"accelerate_configs/{strategy}.yaml",
+            "--num_processes",
+            "2",
+            "--main_process_port",
+            str(_free_port()),
+            "-m",
+            "train",
+            "dpo",
+            *args,
+        ]
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads((root / (strategy or "single") / "stage.json").read_text())
@@ -34,9 +57,24 @@ def _dpo(root, parent, strategy, batch):
 def parent(tmp_path_factory):
     root = tmp_path_factory.mktemp("dpo_dist")
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    subprocess.run([sys.executable, "-m", "train", "sft", "recipes/tiny/stage1_medical.yaml", "training.max_steps=4",
-                    f"output_dir={root / 'sft'}", f"data.processed_dir={root / 'sft-data'}", "data.max_length=256"],
-                   cwd=REPO, env=env, check=True, capture_output=True, timeout=600)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "sft",
+            "recipes/tiny/stage1_medical.yaml",
+            "training.max_steps=4",
+            f"output_dir={root / 'sft'}",
+            f"data.processed_dir={root / 'sft-data'}",
+            "data.max_length=256",
+        ],
+        cwd=REPO,
+        env=env,
+        check=True,
+        capture_output=True,
+        timeout=600,
+    )
     _dpo(root, root / "sft", None, batch=2)
     return root
 

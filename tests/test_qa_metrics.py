@@ -32,7 +32,9 @@ def test_character_f1_by_hand():
     assert char_f1("서울은", ["서울"]) == pytest.approx(0.8)
     # 대한민국 서울 (6 chars without the space) vs 서울특별시 (5): 2 common -> P 1/3, R 2/5 -> 4/11
     assert char_f1("대한민국 서울", ["서울특별시"]) == pytest.approx(4 / 11)
-    assert char_f1("대한민국 서울", ["서울특별시", "서울"]) == pytest.approx(2 * (1 / 3) / (1 / 3 + 1))  # best reference
+    assert char_f1("대한민국 서울", ["서울특별시", "서울"]) == pytest.approx(
+        2 * (1 / 3) / (1 / 3 + 1)
+    )  # best reference
     assert char_f1("부산", ["서울"]) == 0.0
     # repeated characters count as often as they occur in both: 하하하 vs 하하 -> P 2/3, R 1
     assert char_f1("하하하", ["하하"]) == pytest.approx(0.8)

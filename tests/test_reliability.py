@@ -25,13 +25,29 @@ from train.methods.trainers import StageSFTTrainer
 pytestmark = pytest.mark.e2e
 
 RECIPE = "recipes/tiny/stage1_medical.yaml"
-RUN = ["training.max_steps=8", "training.gradient_accumulation_steps=2", "training.per_device_train_batch_size=1",
-       "training.logging_steps=1", "training.save_steps=100", "training.warmup_steps=2", "data.max_length=256"]
+RUN = [
+    "training.max_steps=8",
+    "training.gradient_accumulation_steps=2",
+    "training.per_device_train_batch_size=1",
+    "training.logging_steps=1",
+    "training.save_steps=100",
+    "training.warmup_steps=2",
+    "data.max_length=256",
+]
 
 
 def sft(out: Path, data: Path, *extra: str, env_extra: dict | None = None, background: bool = False):
-    cmd = [sys.executable, "-m", "train", "sft", RECIPE, *RUN, f"output_dir={out}", f"data.processed_dir={data}",
-           *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train",
+        "sft",
+        RECIPE,
+        *RUN,
+        f"output_dir={out}",
+        f"data.processed_dir={data}",
+        *extra,
+    ]
     env = dict(os.environ, OMP_NUM_THREADS="1", **(env_extra or {}))
     if background:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
@@ -39,8 +55,9 @@ def sft(out: Path, data: Path, *extra: str, env_extra: dict | None = None, backg
 
 
 def step_losses(out: Path) -> dict[int, float]:
-    return {r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-            if "loss" in r}
+    return {
+        r["step"]: r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r
+    }
 
 
 def same_adapter(a: Path, b: Path) -> bool:

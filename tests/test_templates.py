@@ -9,8 +9,13 @@ import pytest
 from data_prep.schemas import Record
 from data_prep.templates import render_texts, tokenize_pairs
 
-KO = Record("ko", "1", question="45세 남성이 흉통을 호소합니다. 진단은?", answer="급성 심근경색입니다.",
-            reasoning="흉통이 팔로 퍼지는 것은 심근 허혈을 시사합니다.")
+KO = Record(
+    "ko",
+    "1",
+    question="45세 남성이 흉통을 호소합니다. 진단은?",
+    answer="급성 심근경색입니다.",
+    reasoning="흉통이 팔로 퍼지는 것은 심근 허혈을 시사합니다.",
+)
 
 
 def labels_of(rendered):
@@ -45,7 +50,7 @@ def test_bpe_merge_across_the_boundary_does_not_shift_the_mask(tokenizer):
     [r] = tokenize_pairs([prompt], [completion], tokenizer)
     assert r.completion_mask.count(0) == len(alone)
     assert tokenizer.decode(r.input_ids[: len(alone)]) == prompt
-    assert tokenizer.decode(r.input_ids[len(alone):]) == completion + tokenizer.eos_token
+    assert tokenizer.decode(r.input_ids[len(alone) :]) == completion + tokenizer.eos_token
 
 
 def test_empty_think_keeps_the_shape_for_rows_without_reasoning(tokenizer):
@@ -64,10 +69,12 @@ def test_trl_keeps_our_tokens_and_mask(tokenizer, tiny_dir, tmp_path):
     prompts, completions = render_texts([KO], "reasoning", "S", True, tokenizer)
     [r] = tokenize_pairs(prompts, completions, tokenizer)
     ds = datasets.Dataset.from_dict({"input_ids": [r.input_ids], "completion_mask": [r.completion_mask]})
-    args = SFTConfig(output_dir=str(tmp_path), max_length=512, packing=False, completion_only_loss=True,
-                     use_cpu=True, report_to=[])
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_dir), args=args, train_dataset=ds,
-                         processing_class=tokenizer)
+    args = SFTConfig(
+        output_dir=str(tmp_path), max_length=512, packing=False, completion_only_loss=True, use_cpu=True, report_to=[]
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_dir), args=args, train_dataset=ds, processing_class=tokenizer
+    )
     row = trainer.train_dataset[0]
     assert row["input_ids"] == r.input_ids
     assert row["labels"] == labels_of(r)
@@ -79,12 +86,21 @@ def test_reasoning_chat_template_renders_the_training_prompt(tokenizer):
     system = "You are a medical expert.\nAnswer in 'Korean' \\ English."  # newline, quotes, backslash survive
     tok = copy.deepcopy(tokenizer)
     tok.chat_template = reasoning_chat_template(system)
-    one = tok.apply_chat_template([{"role": "user", "content": "흉통의 원인은?"}], tokenize=False,
-                                  add_generation_prompt=True)
+    one = tok.apply_chat_template(
+        [{"role": "user", "content": "흉통의 원인은?"}], tokenize=False, add_generation_prompt=True
+    )
     assert one == render_prompt("흉통의 원인은?", system, "reasoning", tok)
     # A system message replaces the recipe's; an assistant turn ends with EOS as in training.
-    turns = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
-             {"role": "assistant", "content": "<think>\nx\n</think>\nA1"}, {"role": "user", "content": "Q2"}]
+    turns = [
+        {"role": "system", "content": "S"},
+        {"role": "user", "content": "Q1"},
+        {"role": "assistant", "content": "<think>\nx\n</think>\nA1"},
+        {"role": "user", "content": "Q2"},
+    ]
     text = tok.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
-    assert text == (render_prompt("Q1", "S", "reasoning", tok) + "<think>\nx\n</think>\nA1" + tok.eos_token
-                    + "\n\n### Question:\nQ2\n\n### Response:\n")
+    assert text == (
+        render_prompt("Q1", "S", "reasoning", tok)
+        + "<think>\nx\n</think>\nA1"
+        + tok.eos_token
+        + "\n\n### Question:\nQ2\n\n### Response:\n"
+    )

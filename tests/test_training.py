@@ -39,8 +39,9 @@ def _summed_loss(model, batches) -> tuple[float, int]:
         with torch.no_grad():
             logits = model(**{k: v for k, v in batch.items() if k != "labels"}, use_cache=False).logits
         labels = batch["labels"][:, 1:]
-        ce = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum",
-                                               ignore_index=-100)
+        ce = torch.nn.functional.cross_entropy(
+            logits[:, :-1].flatten(0, 1), labels.flatten(), reduction="sum", ignore_index=-100
+        )
         total += float(ce)
         count += int((labels != -100).sum())
     return total, count
@@ -114,8 +115,9 @@ def test_qlora_gradients_survive_an_evaluation(stage1_dict):
         model.zero_grad()
         out = model(input_ids=ids, labels=ids, use_cache=False)
         out.loss.backward()
-        return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()
-                                     if p.requires_grad and p.grad is not None}
+        return out.logits.detach(), {
+            n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad and p.grad is not None
+        }
 
     logits_before, grads_before = step()
     model.eval()
@@ -149,8 +151,9 @@ def _eval_loss(model, recipe) -> float:
     model.eval()
     for row in eval_ds:
         ids = torch.tensor([row["input_ids"]])
-        labels = torch.tensor([[t if m else -100 for t, m in zip(row["input_ids"], row["completion_mask"],
-                                                                  strict=True)]])
+        labels = torch.tensor(
+            [[t if m else -100 for t, m in zip(row["input_ids"], row["completion_mask"], strict=True)]]
+        )
         with torch.no_grad():
             out = model(input_ids=ids, labels=labels)
         n = int((labels[:, 1:] != -100).sum())
@@ -176,8 +179,9 @@ def test_stage2_continues_from_stage1(trained_stage1, quantization):
     data["training"].update({"max_steps": 2, "logging_steps": 1})
     stage2 = make_recipe(data)
 
-    base = load_model_for_training(make_recipe(
-        {**copy.deepcopy(data), "parent": None, "output_dir": str(root / f"base-{quantization}")}))
+    base = load_model_for_training(
+        make_recipe({**copy.deepcopy(data), "parent": None, "output_dir": str(root / f"base-{quantization}")})
+    )
     start = load_model_for_training(stage2)
     base_loss, start_loss = _eval_loss(base, stage1), _eval_loss(start, stage1)
     assert start_loss < base_loss - 1.0, (start_loss, base_loss)

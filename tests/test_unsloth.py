@@ -33,20 +33,50 @@ class RecordingApi:
         import torch
         from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        RecordingApi.calls.append(("from_pretrained", {"model_name": model_name, "max_seq_length": max_seq_length,
-                                                       "load_in_4bit": load_in_4bit, "dtype": dtype}))
-        quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                   bnb_4bit_compute_dtype=torch.float32) if load_in_4bit else None
+        RecordingApi.calls.append(
+            (
+                "from_pretrained",
+                {
+                    "model_name": model_name,
+                    "max_seq_length": max_seq_length,
+                    "load_in_4bit": load_in_4bit,
+                    "dtype": dtype,
+                },
+            )
+        )
+        quant = (
+            BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+            if load_in_4bit
+            else None
+        )
         return AutoModelForCausalLM.from_pretrained(model_name, dtype=dtype, quantization_config=quant)
 
     def get_peft_model(self, model, r, alpha, dropout, target_modules, seed, use_rslora, gradient_checkpointing):
         from peft import LoraConfig, get_peft_model
 
-        RecordingApi.calls.append(("get_peft_model", {"r": r, "alpha": alpha, "target_modules": target_modules,
-                                                      "seed": seed, "gradient_checkpointing": gradient_checkpointing}))
-        return get_peft_model(model, LoraConfig(r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                                target_modules=target_modules, use_rslora=use_rslora,
-                                                task_type="CAUSAL_LM"))
+        RecordingApi.calls.append(
+            (
+                "get_peft_model",
+                {
+                    "r": r,
+                    "alpha": alpha,
+                    "target_modules": target_modules,
+                    "seed": seed,
+                    "gradient_checkpointing": gradient_checkpointing,
+                },
+            )
+        )
+        return get_peft_model(
+            model,
+            LoraConfig(
+                r=r,
+                lora_alpha=alpha,
+                lora_dropout=dropout,
+                target_modules=target_modules,
+                use_rslora=use_rslora,
+                task_type="CAUSAL_LM",
+            ),
+        )
 
 
 @pytest.fixture
@@ -75,8 +105,14 @@ def test_unsloth_refuses_several_processes_and_int8(stage1_dict, monkeypatch, re
 
 
 def test_make_refuses_unsloth_on_several_gpus():
-    proc = subprocess.run(["make", "-s", "train-stage1", "GPUS=2", "BACKEND=unsloth"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.run(
+        ["make", "-s", "train-stage1", "GPUS=2", "BACKEND=unsloth"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode != 0 and "BACKEND=unsloth runs on one GPU" in proc.stdout + proc.stderr
 
 
@@ -125,8 +161,22 @@ def test_first_stage_loads_the_prequantized_checkpoint(stage1_dict, recording, t
 
 def test_cli_backend_override_fails_before_any_data_work(tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", "train", "sft", "recipes/tiny/stage1_medical.yaml", "backend=unsloth",
-                           f"output_dir={tmp_path / 'out'}", f"data.processed_dir={tmp_path / 'data'}"], cwd=REPO,
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "train",
+            "sft",
+            "recipes/tiny/stage1_medical.yaml",
+            "backend=unsloth",
+            f"output_dir={tmp_path / 'out'}",
+            f"data.processed_dir={tmp_path / 'data'}",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 2 and "needs an NVIDIA GPU" in proc.stderr
     assert not (tmp_path / "data").exists()

@@ -14,5 +14,9 @@ def main(heart_rate: int, systolic_bp: int, spo2: int, conscious: bool) -> str:
 
 
 def gen_input(rng):
-    return {"heart_rate": rng.randint(40, 150), "systolic_bp": rng.randint(70, 180), "spo2": rng.randint(85, 100),
-            "conscious": rng.random() > 0.1}
+    return {
+        "heart_rate": rng.randint(40, 150),
+        "systolic_bp": rng.randint(70, 180),
+        "spo2": rng.randint(85, 100),
+        "conscious": rng.random() > 0.1,
+    }

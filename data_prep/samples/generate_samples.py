@@ -26,75 +26,145 @@ HERE = Path(__file__).resolve().parent
 
 # (finding A, finding B, reasoning about A, reasoning about B, diagnosis, management)
 MEDICAL_CASES = [
-    ("crushing chest pain radiating to the left arm", "ST elevation in leads II, III and aVF",
-     "Crushing pain radiating to the arm is typical of myocardial ischemia",
-     "ST elevation in the inferior leads localizes the infarct to the right coronary territory",
-     "an acute inferior myocardial infarction", "urgent reperfusion with primary PCI"),
-    ("polyuria and polydipsia", "a fasting glucose of 180 mg/dL",
-     "Excess urination and thirst point to an osmotic diuresis",
-     "a fasting glucose above 126 mg/dL meets the diagnostic threshold",
-     "type 2 diabetes mellitus", "lifestyle change and metformin"),
-    ("fever and a productive cough", "a right lower lobe consolidation on chest X-ray",
-     "Fever with a productive cough suggests a lower respiratory infection",
-     "a lobar consolidation confirms pneumonia rather than bronchitis",
-     "community-acquired pneumonia", "empiric antibiotics such as amoxicillin"),
-    ("right lower quadrant pain", "rebound tenderness at McBurney's point",
-     "Pain that migrates to the right lower quadrant is classic for appendiceal inflammation",
-     "rebound tenderness signals peritoneal irritation",
-     "acute appendicitis", "surgical appendectomy"),
-    ("fatigue and pallor", "a low ferritin with microcytic red cells",
-     "Fatigue and pallor reflect reduced oxygen-carrying capacity",
-     "low ferritin with small red cells indicates depleted iron stores",
-     "iron deficiency anemia", "oral iron and a search for blood loss"),
-    ("heat intolerance and weight loss", "a suppressed TSH with high free T4",
-     "Heat intolerance with weight loss suggests a hypermetabolic state",
-     "a low TSH with high T4 shows primary hyperthyroidism",
-     "Graves' disease", "antithyroid drugs such as methimazole"),
-    ("sudden weakness of the right arm", "slurred speech that began an hour ago",
-     "Sudden unilateral weakness points to a lesion in the contralateral hemisphere",
-     "new speech disturbance with a clear onset time suggests an acute stroke",
-     "an acute ischemic stroke", "CT to exclude bleeding, then thrombolysis within the window"),
-    ("wheezing and shortness of breath at night", "improvement after an inhaled bronchodilator",
-     "Nocturnal wheeze suggests reversible airway narrowing",
-     "a response to bronchodilators confirms reversibility",
-     "asthma", "inhaled corticosteroids with a rescue inhaler"),
-    ("burning epigastric pain after meals", "a positive urea breath test",
-     "Epigastric burning related to meals suggests peptic disease",
-     "a positive urea breath test shows Helicobacter pylori infection",
-     "a peptic ulcer due to H. pylori", "eradication therapy with a PPI and two antibiotics"),
-    ("a painful swollen first toe", "needle-shaped crystals in the joint fluid",
-     "Acute monoarthritis of the big toe is typical of a crystal arthropathy",
-     "negatively birefringent needle-shaped crystals are monosodium urate",
-     "acute gout", "NSAIDs or colchicine for the flare"),
-    ("headache and neck stiffness", "cloudy cerebrospinal fluid with neutrophils",
-     "Headache with neck stiffness suggests meningeal irritation",
-     "neutrophilic cloudy CSF indicates a bacterial cause",
-     "bacterial meningitis", "immediate intravenous antibiotics"),
-    ("leg swelling after a long flight", "a positive D-dimer and a non-compressible vein",
-     "Unilateral leg swelling after immobility raises concern for venous thrombosis",
-     "a non-compressible vein on ultrasound confirms the clot",
-     "deep vein thrombosis", "anticoagulation"),
-    ("dysuria and urinary frequency", "nitrites and leukocytes on dipstick",
-     "Painful frequent urination suggests lower urinary tract inflammation",
-     "nitrites indicate gram-negative bacteria",
-     "an uncomplicated urinary tract infection", "a short course of nitrofurantoin"),
-    ("progressive memory loss over two years", "normal thyroid function and B12 levels",
-     "Gradual memory decline over years suggests a neurodegenerative process",
-     "normal thyroid and B12 results exclude reversible causes",
-     "Alzheimer's disease", "cholinesterase inhibitors and support"),
-    ("a resting tremor and slow movements", "cogwheel rigidity on examination",
-     "A resting tremor with bradykinesia suggests basal ganglia dysfunction",
-     "cogwheel rigidity completes the parkinsonian triad",
-     "Parkinson's disease", "levodopa"),
-    ("jaundice and dark urine", "a markedly raised ALT with positive hepatitis A IgM",
-     "Jaundice with dark urine points to hepatocellular injury",
-     "IgM antibodies show a recent hepatitis A infection",
-     "acute hepatitis A", "supportive care"),
+    (
+        "crushing chest pain radiating to the left arm",
+        "ST elevation in leads II, III and aVF",
+        "Crushing pain radiating to the arm is typical of myocardial ischemia",
+        "ST elevation in the inferior leads localizes the infarct to the right coronary territory",
+        "an acute inferior myocardial infarction",
+        "urgent reperfusion with primary PCI",
+    ),
+    (
+        "polyuria and polydipsia",
+        "a fasting glucose of 180 mg/dL",
+        "Excess urination and thirst point to an osmotic diuresis",
+        "a fasting glucose above 126 mg/dL meets the diagnostic threshold",
+        "type 2 diabetes mellitus",
+        "lifestyle change and metformin",
+    ),
+    (
+        "fever and a productive cough",
+        "a right lower lobe consolidation on chest X-ray",
+        "Fever with a productive cough suggests a lower respiratory infection",
+        "a lobar consolidation confirms pneumonia rather than bronchitis",
+        "community-acquired pneumonia",
+        "empiric antibiotics such as amoxicillin",
+    ),
+    (
+        "right lower quadrant pain",
+        "rebound tenderness at McBurney's point",
+        "Pain that migrates to the right lower quadrant is classic for appendiceal inflammation",
+        "rebound tenderness signals peritoneal irritation",
+        "acute appendicitis",
+        "surgical appendectomy",
+    ),
+    (
+        "fatigue and pallor",
+        "a low ferritin with microcytic red cells",
+        "Fatigue and pallor reflect reduced oxygen-carrying capacity",
+        "low ferritin with small red cells indicates depleted iron stores",
+        "iron deficiency anemia",
+        "oral iron and a search for blood loss",
+    ),
+    (
+        "heat intolerance and weight loss",
+        "a suppressed TSH with high free T4",
+        "Heat intolerance with weight loss suggests a hypermetabolic state",
+        "a low TSH with high T4 shows primary hyperthyroidism",
+        "Graves' disease",
+        "antithyroid drugs such as methimazole",
+    ),
+    (
+        "sudden weakness of the right arm",
+        "slurred speech that began an hour ago",
+        "Sudden unilateral weakness points to a lesion in the contralateral hemisphere",
+        "new speech disturbance with a clear onset time suggests an acute stroke",
+        "an acute ischemic stroke",
+        "CT to exclude bleeding, then thrombolysis within the window",
+    ),
+    (
+        "wheezing and shortness of breath at night",
+        "improvement after an inhaled bronchodilator",
+        "Nocturnal wheeze suggests reversible airway narrowing",
+        "a response to bronchodilators confirms reversibility",
+        "asthma",
+        "inhaled corticosteroids with a rescue inhaler",
+    ),
+    (
+        "burning epigastric pain after meals",
+        "a positive urea breath test",
+        "Epigastric burning related to meals suggests peptic disease",
+        "a positive urea breath test shows Helicobacter pylori infection",
+        "a peptic ulcer due to H. pylori",
+        "eradication therapy with a PPI and two antibiotics",
+    ),
+    (
+        "a painful swollen first toe",
+        "needle-shaped crystals in the joint fluid",
+        "Acute monoarthritis of the big toe is typical of a crystal arthropathy",
+        "negatively birefringent needle-shaped crystals are monosodium urate",
+        "acute gout",
+        "NSAIDs or colchicine for the flare",
+    ),
+    (
+        "headache and neck stiffness",
+        "cloudy cerebrospinal fluid with neutrophils",
+        "Headache with neck stiffness suggests meningeal irritation",
+        "neutrophilic cloudy CSF indicates a bacterial cause",
+        "bacterial meningitis",
+        "immediate intravenous antibiotics",
+    ),
+    (
+        "leg swelling after a long flight",
+        "a positive D-dimer and a non-compressible vein",
+        "Unilateral leg swelling after immobility raises concern for venous thrombosis",
+        "a non-compressible vein on ultrasound confirms the clot",
+        "deep vein thrombosis",
+        "anticoagulation",
+    ),
+    (
+        "dysuria and urinary frequency",
+        "nitrites and leukocytes on dipstick",
+        "Painful frequent urination suggests lower urinary tract inflammation",
+        "nitrites indicate gram-negative bacteria",
+        "an uncomplicated urinary tract infection",
+        "a short course of nitrofurantoin",
+    ),
+    (
+        "progressive memory loss over two years",
+        "normal thyroid function and B12 levels",
+        "Gradual memory decline over years suggests a neurodegenerative process",
+        "normal thyroid and B12 results exclude reversible causes",
+        "Alzheimer's disease",
+        "cholinesterase inhibitors and support",
+    ),
+    (
+        "a resting tremor and slow movements",
+        "cogwheel rigidity on examination",
+        "A resting tremor with bradykinesia suggests basal ganglia dysfunction",
+        "cogwheel rigidity completes the parkinsonian triad",
+        "Parkinson's disease",
+        "levodopa",
+    ),
+    (
+        "jaundice and dark urine",
+        "a markedly raised ALT with positive hepatitis A IgM",
+        "Jaundice with dark urine points to hepatocellular injury",
+        "IgM antibodies show a recent hepatitis A infection",
+        "acute hepatitis A",
+        "supportive care",
+    ),
 ]
 
 DEMOGRAPHICS = [
-    "A 45-year-old man", "A 62-year-old woman", "A 30-year-old woman", "A 71-year-old man",
-    "A 54-year-old woman", "A 38-year-old man", "A 67-year-old woman", "A 23-year-old man",
+    "A 45-year-old man",
+    "A 62-year-old woman",
+    "A 30-year-old woman",
+    "A 71-year-old man",
+    "A 54-year-old woman",
+    "A 38-year-old man",
+    "A 67-year-old woman",
+    "A 23-year-old man",
 ]
 
 QUESTION_FORMS = [
@@ -103,54 +173,97 @@ QUESTION_FORMS = [
 ]
 
 KO_MEDICAL = [
-    ("45세 남성이 왼팔로 퍼지는 흉통을 호소합니다. 심전도에서 하벽 ST 분절 상승이 보입니다. 가장 가능성 높은 진단은?",
-     "흉통이 팔로 퍼지는 것은 심근 허혈의 전형적인 양상입니다. 하벽 유도의 ST 상승은 우관상동맥 영역의 경색을 시사합니다.",
-     "급성 하벽 심근경색이 가장 가능성이 높으며, 즉시 관상동맥 중재술이 필요합니다."),
-    ("30세 여성이 다뇨와 다갈증을 호소하고 공복 혈당이 180 mg/dL입니다. 진단은 무엇입니까?",
-     "다뇨와 다갈증은 삼투성 이뇨를 시사합니다. 공복 혈당 126 mg/dL 이상은 당뇨병 진단 기준에 해당합니다.",
-     "제2형 당뇨병으로 진단하며, 생활습관 교정과 메트포르민으로 치료를 시작합니다."),
-    ("62세 여성이 발열과 가래 기침이 있고 흉부 X선에서 우하엽 경화가 보입니다. 진단은?",
-     "발열과 가래 기침은 하기도 감염을 시사합니다. 엽성 경화는 기관지염이 아닌 폐렴을 뜻합니다.",
-     "지역사회획득 폐렴이며, 아목시실린 등 경험적 항생제로 치료합니다."),
-    ("23세 남성이 우하복부 통증과 맥버니 점 반발 압통을 보입니다. 가장 가능성 높은 진단은?",
-     "우하복부로 이동하는 통증은 충수염의 전형입니다. 반발 압통은 복막 자극을 뜻합니다.",
-     "급성 충수염이며, 충수 절제술이 필요합니다."),
-    ("54세 여성이 피로와 창백함을 호소하고 페리틴이 낮으며 소구성 적혈구가 보입니다. 진단은?",
-     "피로와 창백함은 산소 운반 능력 감소를 반영합니다. 낮은 페리틴과 소구성 적혈구는 철 결핍을 뜻합니다.",
-     "철결핍성 빈혈이며, 경구 철분제와 출혈 원인 검사가 필요합니다."),
-    ("71세 남성이 갑작스러운 오른팔 위약과 어눌한 말투를 보입니다. 가장 가능성 높은 진단은?",
-     "갑작스러운 편측 위약은 반대쪽 대뇌 반구의 병변을 시사합니다. 발병 시각이 분명한 언어 장애는 급성 뇌졸중을 뜻합니다.",
-     "급성 허혈성 뇌졸중이며, CT로 출혈을 배제한 뒤 혈전용해술을 고려합니다."),
+    (
+        "45세 남성이 왼팔로 퍼지는 흉통을 호소합니다. 심전도에서 하벽 ST 분절 상승이 보입니다. 가장 가능성 높은 진단은?",
+        "흉통이 팔로 퍼지는 것은 심근 허혈의 전형적인 양상입니다. 하벽 유도의 ST 상승은 우관상동맥 영역의 경색을 시사합니다.",
+        "급성 하벽 심근경색이 가장 가능성이 높으며, 즉시 관상동맥 중재술이 필요합니다.",
+    ),
+    (
+        "30세 여성이 다뇨와 다갈증을 호소하고 공복 혈당이 180 mg/dL입니다. 진단은 무엇입니까?",
+        "다뇨와 다갈증은 삼투성 이뇨를 시사합니다. 공복 혈당 126 mg/dL 이상은 당뇨병 진단 기준에 해당합니다.",
+        "제2형 당뇨병으로 진단하며, 생활습관 교정과 메트포르민으로 치료를 시작합니다.",
+    ),
+    (
+        "62세 여성이 발열과 가래 기침이 있고 흉부 X선에서 우하엽 경화가 보입니다. 진단은?",
+        "발열과 가래 기침은 하기도 감염을 시사합니다. 엽성 경화는 기관지염이 아닌 폐렴을 뜻합니다.",
+        "지역사회획득 폐렴이며, 아목시실린 등 경험적 항생제로 치료합니다.",
+    ),
+    (
+        "23세 남성이 우하복부 통증과 맥버니 점 반발 압통을 보입니다. 가장 가능성 높은 진단은?",
+        "우하복부로 이동하는 통증은 충수염의 전형입니다. 반발 압통은 복막 자극을 뜻합니다.",
+        "급성 충수염이며, 충수 절제술이 필요합니다.",
+    ),
+    (
+        "54세 여성이 피로와 창백함을 호소하고 페리틴이 낮으며 소구성 적혈구가 보입니다. 진단은?",
+        "피로와 창백함은 산소 운반 능력 감소를 반영합니다. 낮은 페리틴과 소구성 적혈구는 철 결핍을 뜻합니다.",
+        "철결핍성 빈혈이며, 경구 철분제와 출혈 원인 검사가 필요합니다.",
+    ),
+    (
+        "71세 남성이 갑작스러운 오른팔 위약과 어눌한 말투를 보입니다. 가장 가능성 높은 진단은?",
+        "갑작스러운 편측 위약은 반대쪽 대뇌 반구의 병변을 시사합니다. 발병 시각이 분명한 언어 장애는 급성 뇌졸중을 뜻합니다.",
+        "급성 허혈성 뇌졸중이며, CT로 출혈을 배제한 뒤 혈전용해술을 고려합니다.",
+    ),
 ]
 
 KO_INSTRUCTIONS = [
-    ("다음 문장을 한 문장으로 요약하세요.", "서울은 대한민국의 수도이며 정치, 경제, 문화의 중심지이다. 인구는 약 천만 명이다.",
-     "서울은 인구 약 천만 명의 대한민국 수도이자 중심지입니다."),
-    ("건강한 수면 습관 세 가지를 알려 주세요.", "",
-     "1. 매일 같은 시간에 자고 일어나세요.\n2. 잠들기 전에 스마트폰 사용을 줄이세요.\n3. 오후에는 카페인을 피하세요."),
+    (
+        "다음 문장을 한 문장으로 요약하세요.",
+        "서울은 대한민국의 수도이며 정치, 경제, 문화의 중심지이다. 인구는 약 천만 명이다.",
+        "서울은 인구 약 천만 명의 대한민국 수도이자 중심지입니다.",
+    ),
+    (
+        "건강한 수면 습관 세 가지를 알려 주세요.",
+        "",
+        "1. 매일 같은 시간에 자고 일어나세요.\n2. 잠들기 전에 스마트폰 사용을 줄이세요.\n3. 오후에는 카페인을 피하세요.",
+    ),
     ("다음 단어의 반대말을 쓰세요.", "뜨겁다", "뜨겁다의 반대말은 차갑다입니다."),
     ("다음 단어의 반대말을 쓰세요.", "크다", "크다의 반대말은 작다입니다."),
     ("다음 단어의 반대말을 쓰세요.", "빠르다", "빠르다의 반대말은 느리다입니다."),
-    ("고혈압 환자에게 권장되는 식습관을 설명해 주세요.", "",
-     "고혈압 환자는 소금 섭취를 줄이고, 채소와 과일을 충분히 먹으며, 음주를 제한하는 것이 좋습니다."),
+    (
+        "고혈압 환자에게 권장되는 식습관을 설명해 주세요.",
+        "",
+        "고혈압 환자는 소금 섭취를 줄이고, 채소와 과일을 충분히 먹으며, 음주를 제한하는 것이 좋습니다.",
+    ),
     ("다음 문장의 감정을 긍정 또는 부정으로 분류하세요.", "오늘 받은 진료는 정말 친절하고 만족스러웠어요.", "긍정"),
     ("다음 문장의 감정을 긍정 또는 부정으로 분류하세요.", "대기 시간이 너무 길어서 불편했습니다.", "부정"),
-    ("물을 충분히 마셔야 하는 이유를 간단히 설명하세요.", "",
-     "물은 체온을 조절하고 노폐물을 배출하며 혈액 순환을 돕기 때문에 충분히 마셔야 합니다."),
+    (
+        "물을 충분히 마셔야 하는 이유를 간단히 설명하세요.",
+        "",
+        "물은 체온을 조절하고 노폐물을 배출하며 혈액 순환을 돕기 때문에 충분히 마셔야 합니다.",
+    ),
     ("다음 문장을 존댓말로 바꾸세요.", "밥 먹었어?", "식사하셨어요?"),
     ("다음 문장을 존댓말로 바꾸세요.", "내일 병원에 가.", "내일 병원에 가요."),
-    ("감기와 독감의 차이를 설명해 주세요.", "",
-     "감기는 여러 바이러스가 일으키는 가벼운 상기도 감염이고, 독감은 인플루엔자 바이러스가 일으키며 고열과 근육통이 더 심합니다."),
-    ("규칙적인 운동의 장점을 두 가지 말해 주세요.", "",
-     "규칙적인 운동은 심혈관 건강을 개선하고 스트레스를 줄여 줍니다."),
+    (
+        "감기와 독감의 차이를 설명해 주세요.",
+        "",
+        "감기는 여러 바이러스가 일으키는 가벼운 상기도 감염이고, 독감은 인플루엔자 바이러스가 일으키며 고열과 근육통이 더 심합니다.",
+    ),
+    (
+        "규칙적인 운동의 장점을 두 가지 말해 주세요.",
+        "",
+        "규칙적인 운동은 심혈관 건강을 개선하고 스트레스를 줄여 줍니다.",
+    ),
     ("다음 약어의 뜻을 쓰세요.", "CT", "CT는 컴퓨터 단층 촬영(Computed Tomography)의 약자입니다."),
     ("다음 약어의 뜻을 쓰세요.", "MRI", "MRI는 자기 공명 영상(Magnetic Resonance Imaging)의 약자입니다."),
-    ("당뇨병 환자가 발 관리를 해야 하는 이유는 무엇인가요?", "",
-     "당뇨병은 말초 신경과 혈류를 손상시켜 작은 상처도 쉽게 궤양으로 진행할 수 있으므로 매일 발을 살펴야 합니다."),
+    (
+        "당뇨병 환자가 발 관리를 해야 하는 이유는 무엇인가요?",
+        "",
+        "당뇨병은 말초 신경과 혈류를 손상시켜 작은 상처도 쉽게 궤양으로 진행할 수 있으므로 매일 발을 살펴야 합니다.",
+    ),
 ]
 
-CITIES = [("서울", "대한민국"), ("도쿄", "일본"), ("파리", "프랑스"), ("베를린", "독일"), ("런던", "영국"),
-          ("로마", "이탈리아"), ("마드리드", "스페인"), ("오타와", "캐나다"), ("캔버라", "호주"), ("베이징", "중국")]
+CITIES = [
+    ("서울", "대한민국"),
+    ("도쿄", "일본"),
+    ("파리", "프랑스"),
+    ("베를린", "독일"),
+    ("런던", "영국"),
+    ("로마", "이탈리아"),
+    ("마드리드", "스페인"),
+    ("오타와", "캐나다"),
+    ("캔버라", "호주"),
+    ("베이징", "중국"),
+]
 
 AIHUB_PAIRS = [
     ("오늘 날씨가 정말 좋네요.", "The weather is really nice today."),
@@ -204,32 +317,49 @@ def medical_rows() -> list[dict]:
                     f"Then there is {b}; {rb}. Putting these together, the picture fits {dx}. "
                     f"So the best next step is {mgmt}."
                 )
-                response = (
-                    f"The most likely diagnosis is {dx}. The key findings are {a} and {b}. "
-                    f"Management: {mgmt}."
-                )
+                response = f"The most likely diagnosis is {dx}. The key findings are {a} and {b}. Management: {mgmt}."
                 rows.append({"Question": question, "Complex_CoT": cot, "Response": response})
     for q, cot, resp in KO_MEDICAL:
         rows.append({"Question": q, "Complex_CoT": "좋아요, 단계적으로 생각해 봅시다. " + cot, "Response": resp})
     rng.shuffle(rows)
     # Deliberate defects, as real dumps have: an unclosed <think> and an empty response.
-    rows.append({"Question": "A 50-year-old man has chest pain. Diagnosis?",
-                 "Complex_CoT": "<think> the reasoning was cut off here", "Response": "Angina."})
-    rows.append({"Question": "A 40-year-old woman has a cough. Diagnosis?",
-                 "Complex_CoT": "A cough alone is not specific.", "Response": ""})
+    rows.append(
+        {
+            "Question": "A 50-year-old man has chest pain. Diagnosis?",
+            "Complex_CoT": "<think> the reasoning was cut off here",
+            "Response": "Angina.",
+        }
+    )
+    rows.append(
+        {
+            "Question": "A 40-year-old woman has a cough. Diagnosis?",
+            "Complex_CoT": "A cough alone is not specific.",
+            "Response": "",
+        }
+    )
     return rows
 
 
 def kocommercial_rows() -> list[dict]:
     rows = [{"instruction": i, "input": x, "output": o} for i, x, o in KO_INSTRUCTIONS]
     for city, country in CITIES:
-        rows.append({"instruction": f"{country}의 수도는 어디인가요?", "input": "",
-                     "output": f"{country}의 수도는 {city}입니다."})
+        rows.append(
+            {
+                "instruction": f"{country}의 수도는 어디인가요?",
+                "input": "",
+                "output": f"{country}의 수도는 {city}입니다.",
+            }
+        )
     rng = random.Random(7)
     for _ in range(40):
         x, y = rng.randint(2, 49), rng.randint(2, 49)
-        rows.append({"instruction": "다음 두 수를 더하세요.", "input": f"{x}, {y}",
-                     "output": f"{x}와 {y}를 더하면 {x + y}입니다."})
+        rows.append(
+            {
+                "instruction": "다음 두 수를 더하세요.",
+                "input": f"{x}, {y}",
+                "output": f"{x}와 {y}를 더하면 {x + y}입니다.",
+            }
+        )
     rng.shuffle(rows)
     rows.append(dict(rows[0]))  # an exact duplicate, as real merged datasets have
     rows.append({"instruction": "다음 문장을 번역하세요.", "input": "안녕하세요", "output": ""})  # empty output
@@ -238,8 +368,16 @@ def kocommercial_rows() -> list[dict]:
 
 KO_FACTS = [  # (context, question, answers)
     ("한국의 국보 제1호였던 숭례문은 서울 중구에 있는 조선 시대의 성문이다.", "숭례문은 어느 도시에 있나요?", ["서울"]),
-    ("인슐린은 이자의 베타세포에서 분비되어 혈당을 낮추는 호르몬이다.", "인슐린을 분비하는 세포는 무엇인가요?", ["베타세포"]),
-    ("성인의 정상 안정 시 심박수는 분당 60회에서 100회 사이이다.", "정상 안정 시 심박수의 하한은 분당 몇 회인가요?", ["60회", "60"]),
+    (
+        "인슐린은 이자의 베타세포에서 분비되어 혈당을 낮추는 호르몬이다.",
+        "인슐린을 분비하는 세포는 무엇인가요?",
+        ["베타세포"],
+    ),
+    (
+        "성인의 정상 안정 시 심박수는 분당 60회에서 100회 사이이다.",
+        "정상 안정 시 심박수의 하한은 분당 몇 회인가요?",
+        ["60회", "60"],
+    ),
     ("한글은 1443년 세종대왕이 창제하여 1446년에 반포하였다.", "한글을 창제한 왕은 누구인가요?", ["세종대왕", "세종"]),
     ("폐렴구균 백신은 65세 이상 성인에게 권장된다.", "폐렴구균 백신이 권장되는 나이는?", ["65세 이상"]),
     ("제주도는 대한민국에서 가장 큰 섬으로 한라산이 있다.", "한라산이 있는 섬은 어디인가요?", ["제주도", "제주"]),
@@ -251,31 +389,65 @@ def korean_qa_rows() -> list[dict]:
     for i, (city, country) in enumerate(CITIES):
         context = f"{country}의 수도는 {city}이다. {city}에는 {country}의 정부 기관이 모여 있다."
         answers = [city, "서울특별시"] if city == "서울" else [city]
-        rows.append({"id": f"capital-{i}", "context": context, "question": f"{country}의 수도는 어디인가요?",
-                     "answer": city, "answers": answers})
-        rows.append({"id": f"country-{i}", "context": context, "question": f"{city}은(는) 어느 나라의 수도인가요?",
-                     "answer": country, "answers": [country]})
+        rows.append(
+            {
+                "id": f"capital-{i}",
+                "context": context,
+                "question": f"{country}의 수도는 어디인가요?",
+                "answer": city,
+                "answers": answers,
+            }
+        )
+        rows.append(
+            {
+                "id": f"country-{i}",
+                "context": context,
+                "question": f"{city}은(는) 어느 나라의 수도인가요?",
+                "answer": country,
+                "answers": [country],
+            }
+        )
     for i, (context, question, answers) in enumerate(KO_FACTS):
-        rows.append({"id": f"fact-{i}", "context": context, "question": question, "answer": answers[0],
-                     "answers": answers})
+        rows.append(
+            {"id": f"fact-{i}", "context": context, "question": question, "answer": answers[0], "answers": answers}
+        )
     return rows  # `answer` trains (one string); `answers` lists every accepted form for scoring
 
 
 def medical_eval_rows() -> list[dict]:
     form = QUESTION_FORMS[0]
-    return [{"id": f"case-{i}", "question": form.format(who=DEMOGRAPHICS[i % len(DEMOGRAPHICS)], a=a, b=b),
-             "answer": [dx]} for i, (a, b, _, _, dx, _) in enumerate(MEDICAL_CASES)]
+    return [
+        {"id": f"case-{i}", "question": form.format(who=DEMOGRAPHICS[i % len(DEMOGRAPHICS)], a=a, b=b), "answer": [dx]}
+        for i, (a, b, _, _, dx, _) in enumerate(MEDICAL_CASES)
+    ]
 
 
 TAG_PHRASES = {
-    "cardiac": ["chest pain on exertion", "palpitations", "an irregular pulse", "ankle swelling", "high blood pressure"],
+    "cardiac": [
+        "chest pain on exertion",
+        "palpitations",
+        "an irregular pulse",
+        "ankle swelling",
+        "high blood pressure",
+    ],
     "respiratory": ["a productive cough", "wheezing at night", "shortness of breath", "a sore throat", "sputum"],
-    "endocrine": ["high blood glucose", "weight gain and fatigue", "heat intolerance", "excessive thirst",
-                  "a thyroid nodule"],
+    "endocrine": [
+        "high blood glucose",
+        "weight gain and fatigue",
+        "heat intolerance",
+        "excessive thirst",
+        "a thyroid nodule",
+    ],
     "digestive": ["abdominal pain after meals", "heartburn", "nausea and vomiting", "diarrhea", "black stools"],
 }
-FILLERS = ["The patient reports {}.", "Main complaint: {}.", "Seen today for {}.", "History notable for {}.",
-           "She describes {}.", "He mentions {}."]
+FILLERS = [
+    "The patient reports {}.",
+    "Main complaint: {}.",
+    "Seen today for {}.",
+    "History notable for {}.",
+    "She describes {}.",
+    "He mentions {}.",
+]
 
 
 def keyword_tag_rows(n: int = 320) -> list[dict]:
@@ -300,15 +472,25 @@ def preference_rows() -> tuple[list[dict], list[dict], list[dict]]:
         for who in rng.sample(DEMOGRAPHICS, 3):
             q = QUESTION_FORMS[0].format(who=who, a=a, b=b)
             good = f"<think>\n{ra}. Then {rb}.\n</think>\nThe most likely diagnosis is {dx}."
-            bad = rng.choice([f"<think>\n{ra}.\n</think>\nThe most likely diagnosis is {wrong}.",
-                              f"The most likely diagnosis is {wrong}."])
+            bad = rng.choice(
+                [
+                    f"<think>\n{ra}.\n</think>\nThe most likely diagnosis is {wrong}.",
+                    f"The most likely diagnosis is {wrong}.",
+                ]
+            )
             pairs.append({"prompt": q, "chosen": good, "rejected": bad})
         q = QUESTION_FORMS[1].format(who=DEMOGRAPHICS[i % len(DEMOGRAPHICS)], a=a, b=b)
-        ratings += [{"prompt": q, "response": f"<think>\n{ra}. Then {rb}.\n</think>\nIt is {dx}.", "rating": 9},
-                    {"prompt": q, "response": f"It is {dx}.", "rating": 6},
-                    {"prompt": q, "response": f"It is {wrong}.", "rating": 2}]
-        verifiable.append({"question": QUESTION_FORMS[0].format(who=DEMOGRAPHICS[(i + 1) % len(DEMOGRAPHICS)], a=a,
-                                                                  b=b), "answer": dx})
+        ratings += [
+            {"prompt": q, "response": f"<think>\n{ra}. Then {rb}.\n</think>\nIt is {dx}.", "rating": 9},
+            {"prompt": q, "response": f"It is {dx}.", "rating": 6},
+            {"prompt": q, "response": f"It is {wrong}.", "rating": 2},
+        ]
+        verifiable.append(
+            {
+                "question": QUESTION_FORMS[0].format(who=DEMOGRAPHICS[(i + 1) % len(DEMOGRAPHICS)], a=a, b=b),
+                "answer": dx,
+            }
+        )
     pairs.append({"prompt": "A 30-year-old has a headache. Diagnosis?", "chosen": "Migraine.", "rejected": "Migraine."})
     ratings.append({"prompt": "A 40-year-old has back pain.", "response": "Strain.", "rating": "high"})
     return pairs, ratings, verifiable
@@ -335,17 +517,24 @@ def main() -> None:
     with open(HERE / "kocommercial_sample.jsonl", "w", encoding="utf-8") as f:
         for row in kocommercial_rows():
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    for name, rows in (("korean_qa_sample.jsonl", korean_qa_rows()),
-                       ("medical_eval_sample.jsonl", medical_eval_rows()),
-                       ("keyword_tags_sample.jsonl", keyword_tag_rows()),
-                       *zip(("preference_sample.jsonl", "ratings_sample.jsonl", "verifiable_sample.jsonl"),
-                            preference_rows(), strict=True)):
+    for name, rows in (
+        ("korean_qa_sample.jsonl", korean_qa_rows()),
+        ("medical_eval_sample.jsonl", medical_eval_rows()),
+        ("keyword_tags_sample.jsonl", keyword_tag_rows()),
+        *zip(
+            ("preference_sample.jsonl", "ratings_sample.jsonl", "verifiable_sample.jsonl"),
+            preference_rows(),
+            strict=True,
+        ),
+    ):
         with open(HERE / name, "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
     aihub = HERE / "aihub"
     aihub.mkdir(exist_ok=True)
-    tagged = [(f"{i:06d}", (ko, en, "의료" if i < 16 else "일상생활", "대화")) for i, (ko, en) in enumerate(AIHUB_PAIRS)]
+    tagged = [
+        (f"{i:06d}", (ko, en, "의료" if i < 16 else "일상생활", "대화")) for i, (ko, en) in enumerate(AIHUB_PAIRS)
+    ]
     write_xlsx(aihub / "1_구어체_sample.xlsx", {"Sheet1": tagged[:18]})
     # A second file with two sheets, as some AI Hub releases ship, and one blank 번역문 cell.
     second = tagged[18:]

@@ -12,11 +12,17 @@ from train.core.cli import Command
 def _merge_arguments(p) -> None:
     p.add_argument("stage_dir")
     p.add_argument("--out", help="output folder (default STAGE_DIR/merged)")
-    p.add_argument("--adapter", help="another adapter of this stage, e.g. STAGE_DIR/checkpoint-400, or 'best' "
-                   "(what `train eval --checkpoints` picked)")
+    p.add_argument(
+        "--adapter",
+        help="another adapter of this stage, e.g. STAGE_DIR/checkpoint-400, or 'best' "
+        "(what `train eval --checkpoints` picked)",
+    )
     p.add_argument("--dtype", default="bfloat16", help="bfloat16 (default), float16 or float32")
-    p.add_argument("--dequantize", action="store_true",
-                   help="merge into the 4-bit weights training saw, dequantized, instead of the original 16-bit")
+    p.add_argument(
+        "--dequantize",
+        action="store_true",
+        help="merge into the 4-bit weights training saw, dequantized, instead of the original 16-bit",
+    )
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--license", dest="license_id", help="model card license (default: the base model's)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the merged folder (token from HF_TOKEN)")
@@ -29,10 +35,19 @@ def _merge(args) -> None:
     out = args.out or os.path.join(args.stage_dir, "merged")
     if args.push_to_hub:
         hub_token()  # a missing token fails now, not after a long merge
-    report = merge_stage(args.stage_dir, out, adapter=args.adapter, dtype=args.dtype, dequantize=args.dequantize,
-                         max_shard_size=args.max_shard_size, license_id=args.license_id)
-    sys.stdout.write(json.dumps({k: report[k] for k in ("merged_vs_base_plus_adapter", "adapter_effect")},
-                                indent=2) + f"\nmerged model: {out}\n")
+    report = merge_stage(
+        args.stage_dir,
+        out,
+        adapter=args.adapter,
+        dtype=args.dtype,
+        dequantize=args.dequantize,
+        max_shard_size=args.max_shard_size,
+        license_id=args.license_id,
+    )
+    sys.stdout.write(
+        json.dumps({k: report[k] for k in ("merged_vs_base_plus_adapter", "adapter_effect")}, indent=2)
+        + f"\nmerged model: {out}\n"
+    )
     if args.push_to_hub:
         push_folder(out, args.push_to_hub)
 

@@ -10,9 +10,17 @@ from train.core.cli import Command
 from train.core.errors import UserError
 from train.core.io import read_jsonl, write_jsonl
 
-DECODING_FLAGS = (("--max-new-tokens", int, 256), ("--num-beams", int, 1), ("--top-k", int, 0), ("--top-p", float, 1.0),
-                  ("--temperature", float, 1.0), ("--repetition-penalty", float, 1.0), ("--length-penalty", float, 1.0),
-                  ("--num-return-sequences", int, 1), ("--seed", int, 0))
+DECODING_FLAGS = (
+    ("--max-new-tokens", int, 256),
+    ("--num-beams", int, 1),
+    ("--top-k", int, 0),
+    ("--top-p", float, 1.0),
+    ("--temperature", float, 1.0),
+    ("--repetition-penalty", float, 1.0),
+    ("--length-penalty", float, 1.0),
+    ("--num-return-sequences", int, 1),
+    ("--seed", int, 0),
+)
 
 
 def _generate_arguments(p) -> None:
@@ -39,25 +47,36 @@ def _generate(args) -> None:
             raise UserError(f"{args.input}: row(s) {missing[:10]} have no 'question' or 'prompt' text")
     else:
         questions = args.prompt
-    decoding = DecodingConfig(name="cli", do_sample=args.do_sample, **{
-        flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in DECODING_FLAGS})
+    decoding = DecodingConfig(
+        name="cli",
+        do_sample=args.do_sample,
+        **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in DECODING_FLAGS},
+    )
     prompts, candidates = generate_candidates(args.target, questions, decoding, args.batch_size)
-    lines = [{"question": q, "prompt": p, "completions": [{"text": t, "logprob": round(lp, 4)} for t, lp in c]}
-             for q, p, c in zip(questions, prompts, candidates, strict=True)]
+    lines = [
+        {"question": q, "prompt": p, "completions": [{"text": t, "logprob": round(lp, 4)} for t, lp in c]}
+        for q, p, c in zip(questions, prompts, candidates, strict=True)
+    ]
     if args.out:
         write_jsonl(args.out, lines)
         sys.stdout.write(f"{len(lines)} rows written to {args.out}\n")
     else:
         for line in lines:
-            sys.stdout.write(f"### {line['question']}\n" + "\n--\n".join(c["text"] for c in line["completions"]) + "\n\n")
+            sys.stdout.write(
+                f"### {line['question']}\n" + "\n--\n".join(c["text"] for c in line["completions"]) + "\n\n"
+            )
 
 
 def _eval_arguments(p) -> None:
     p.add_argument("targets", nargs="+", help="a recipe YAML or stage folder, merged folders, .gguf files")
     p.add_argument("--data", help="eval jsonl (default: the recipe's eval.data)")
     p.add_argument("--out", help="output folder (default: FIRST_TARGET/eval, or outputs/eval for a file)")
-    p.add_argument("--decoding", action="append", help="NAME[:key=value,...], repeatable (a sweep); "
-                   "e.g. greedy, beam3:num_beams=3, sc:do_sample=true,top_p=0.9,num_return_sequences=5")
+    p.add_argument(
+        "--decoding",
+        action="append",
+        help="NAME[:key=value,...], repeatable (a sweep); "
+        "e.g. greedy, beam3:num_beams=3, sc:do_sample=true,top_p=0.9,num_return_sequences=5",
+    )
     p.add_argument("--checkpoints", action="store_true", help="also score every checkpoint; write the best")
     p.add_argument("--prompt-variant", action="append", help="question text from {context} {question} {choices}")
     p.add_argument("--max-examples", type=int)
@@ -96,9 +115,17 @@ def _lm_eval(args) -> None:
 
     target = Path(args.target)
     out = args.out or str(target / "lm_eval" if target.is_dir() else Path("outputs") / "lm_eval" / target.name)
-    report = run_lm_eval(args.target, [t for t in args.tasks.split(",") if t], out, limit=args.limit,
-                         num_fewshot=args.num_fewshot, batch_size=args.batch_size, include_paths=args.include_path,
-                         log_samples=args.log_samples, apply_chat_template=args.apply_chat_template)
+    report = run_lm_eval(
+        args.target,
+        [t for t in args.tasks.split(",") if t],
+        out,
+        limit=args.limit,
+        num_fewshot=args.num_fewshot,
+        batch_size=args.batch_size,
+        include_paths=args.include_path,
+        log_samples=args.log_samples,
+        apply_chat_template=args.apply_chat_template,
+    )
     sys.stdout.write(report["table"] + f"\nresults in {out}/lm_eval_results.json\n")
 
 
@@ -117,7 +144,9 @@ def _predict_labels(args) -> None:
     if bad:
         raise UserError(f"{args.input}: row(s) {bad[:10]} have no '{args.text_field}' text")
     results = predict_labels(args.model_dir, [r[args.text_field] for r in rows])
-    lines = [{**row, "predicted": res["labels"], "scores": res["scores"]} for row, res in zip(rows, results, strict=True)]
+    lines = [
+        {**row, "predicted": res["labels"], "scores": res["scores"]} for row, res in zip(rows, results, strict=True)
+    ]
     if args.out:
         write_jsonl(args.out, lines)
         sys.stdout.write(f"{len(lines)} rows written to {args.out}\n")
@@ -126,11 +155,18 @@ def _predict_labels(args) -> None:
 
 
 COMMANDS = [
-    Command("generate", "generate from a stage folder, a merged model folder or a .gguf file", _generate_arguments,
-            _generate),
+    Command(
+        "generate",
+        "generate from a stage folder, a merged model folder or a .gguf file",
+        _generate_arguments,
+        _generate,
+    ),
     Command("eval", "task evaluation: decodings, clean-up, metrics, voting, best checkpoint", _eval_arguments, _eval),
-    Command("lm-eval", "standard benchmarks through lm-evaluation-harness (KorMedMCQA, KMMLU, ...)",
-            _lm_eval_arguments, _lm_eval),
-    Command("predict-labels", "labels for texts from a trained classifier", _predict_labels_arguments,
-            _predict_labels),
+    Command(
+        "lm-eval",
+        "standard benchmarks through lm-evaluation-harness (KorMedMCQA, KMMLU, ...)",
+        _lm_eval_arguments,
+        _lm_eval,
+    ),
+    Command("predict-labels", "labels for texts from a trained classifier", _predict_labels_arguments, _predict_labels),
 ]

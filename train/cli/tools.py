@@ -39,7 +39,9 @@ def _pick_strategy(args) -> None:
     recipe = load_recipe(args.recipe)
     memory = args.gpu_memory_gb or gpu_memory_gb()
     if memory is None:
-        raise UserError("no GPU visible to read its memory from; pass --gpu-memory-gb (e.g. 24 for a 4090, 80 for H100)")
+        raise UserError(
+            "no GPU visible to read its memory from; pass --gpu-memory-gb (e.g. 24 for a 4090, 80 for H100)"
+        )
     params = parameter_count(load_model_config(recipe.model))
     strategy, why = pick_strategy(params, recipe.model.quantization, args.gpus, memory)
     sys.stderr.write(f"STRATEGY=auto -> {strategy}: {why}\n")
@@ -86,10 +88,17 @@ def _recipe_help(args) -> None:
 COMMANDS = [
     Command("demo", "the whole pipeline on the embedded tiny model (CPU, offline)", _demo_arguments, _demo),
     Command("build-tiny", "build (or find) the embedded tiny model and print its folder", lambda p: None, _build_tiny),
-    Command("pick-strategy", "STRATEGY=auto: print the launch strategy for a recipe and GPUs", _pick_arguments,
-            _pick_strategy),
-    Command("check-launch", "the stage's start-up checks, once, before a distributed launch (make train-*)",
-            _check_launch_arguments, _check_launch),
-    Command("recipe-help", "every recipe field with its type, default and help", _recipe_help_arguments,
-            _recipe_help),
+    Command(
+        "pick-strategy",
+        "STRATEGY=auto: print the launch strategy for a recipe and GPUs",
+        _pick_arguments,
+        _pick_strategy,
+    ),
+    Command(
+        "check-launch",
+        "the stage's start-up checks, once, before a distributed launch (make train-*)",
+        _check_launch_arguments,
+        _check_launch,
+    ),
+    Command("recipe-help", "every recipe field with its type, default and help", _recipe_help_arguments, _recipe_help),
 ]

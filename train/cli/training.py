@@ -28,8 +28,10 @@ def _preference(method: str):
 
         recipe = load_recipe(args.recipe, args.overrides)
         if recipe.method != method:
-            raise UserError(f"{args.recipe} has method: {recipe.method}; run python -m train {recipe.method} "
-                            f"(or pass method={method})")
+            raise UserError(
+                f"{args.recipe} has method: {recipe.method}; run python -m train {recipe.method} "
+                f"(or pass method={method})"
+            )
         record = run_preference(recipe)
         if record.get("status") == "interrupted":
             return
@@ -50,10 +52,13 @@ def _classify(args) -> None:
 
 COMMANDS = [
     Command("sft", "supervised fine-tuning of one stage", _recipe_arguments, _sft),
-    Command("reward", "pairwise reward model (TRL RewardTrainer) after an SFT stage", _recipe_arguments,
-            _preference("reward")),
+    Command(
+        "reward",
+        "pairwise reward model (TRL RewardTrainer) after an SFT stage",
+        _recipe_arguments,
+        _preference("reward"),
+    ),
     Command("dpo", "DPO and its variants (TRL DPOTrainer) after an SFT stage", _recipe_arguments, _preference("dpo")),
     Command("grpo", "GRPO (TRL GRPOTrainer) after an SFT stage", _recipe_arguments, _preference("grpo")),
-    Command("classify", "fine-tune an encoder for single- or multi-label classification", _recipe_arguments,
-            _classify),
+    Command("classify", "fine-tune an encoder for single- or multi-label classification", _recipe_arguments, _classify),
 ]

@@ -39,8 +39,9 @@ def quiet_library_noise() -> None:
 
 
 def build_parser(prog: str, description: str, commands: Sequence[Command]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=description,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for command in commands:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
@@ -49,8 +50,9 @@ def build_parser(prog: str, description: str, commands: Sequence[Command]) -> ar
     return parser
 
 
-def dispatch(prog: str, description: str, commands: Sequence[Command], argv: list[str],
-             default: str | None = None) -> None:
+def dispatch(
+    prog: str, description: str, commands: Sequence[Command], argv: list[str], default: str | None = None
+) -> None:
     """Parse `argv` against the table and run the chosen command.
 
     `default` names the command used when the first argument is not a command name (so

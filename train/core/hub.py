@@ -32,8 +32,11 @@ def offline_unless_hub_reachable() -> bool:
         socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout=5).close()
         return True
     except OSError as err:
-        log.warning("the Hub (%s) is unreachable (%s): using the local HF cache only, as with HF_HUB_OFFLINE=1",
-                    hub_constants.ENDPOINT, err.strerror or type(err).__name__)
+        log.warning(
+            "the Hub (%s) is unreachable (%s): using the local HF cache only, as with HF_HUB_OFFLINE=1",
+            hub_constants.ENDPOINT,
+            err.strerror or type(err).__name__,
+        )
     os.environ["HF_HUB_OFFLINE"] = "1"  # processes started from here
     hub_constants.HF_HUB_OFFLINE = True  # the libraries read these at call time
     try:

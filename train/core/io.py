@@ -71,5 +71,6 @@ def check_output_dir(out: Path, marker: str, protected: Path | None = None) -> N
     if protected is not None and (out == protected or out in protected.parents):
         raise UserError(f"--out {out} would replace the stage itself; choose a folder such as {protected}/merged")
     if out.exists() and any(out.iterdir()) and not (out / marker).is_file():
-        raise UserError(f"--out {out} exists and was not written by this command (no {marker}); "
-                        "choose another folder or remove it")
+        raise UserError(
+            f"--out {out} exists and was not written by this command (no {marker}); choose another folder or remove it"
+        )

@@ -95,11 +95,15 @@ def format_text(rows: list[FieldDoc]) -> str:
 
 
 def format_markdown(rows: list[FieldDoc]) -> str:
-    out = ["# Recipe reference", "",
-           "Every key a stage recipe accepts, generated from the config dataclasses (`train/core/config.py`) by",
-           "`python -m train recipe-help --markdown` (`make docs`); a test keeps this page equal to the code.",
-           "Unknown keys are refused with the closest valid name; `section.key=value` on the command line",
-           "overrides any of them.", ""]
+    out = [
+        "# Recipe reference",
+        "",
+        "Every key a stage recipe accepts, generated from the config dataclasses (`train/core/config.py`) by",
+        "`python -m train recipe-help --markdown` (`make docs`); a test keeps this page equal to the code.",
+        "Unknown keys are refused with the closest valid name; `section.key=value` on the command line",
+        "overrides any of them.",
+        "",
+    ]
     helps = {r.key: r.help for r in rows if r.section}
     current, seen = None, set()
     for r in rows:

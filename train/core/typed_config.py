@@ -128,5 +128,3 @@ def build_config(cls: type, data: dict, origin: str, overrides: list[str] | None
     for override in overrides or []:
         _apply_override(data, override, origin)
     return build_section(cls, data, "", origin)
-
-

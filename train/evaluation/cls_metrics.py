@@ -28,8 +28,9 @@ def multilabel_metrics(probs: np.ndarray, labels: np.ndarray, thresholds: np.nda
         "hamming_loss": hamming_loss(labels, pred),
     }
     scorable = [j for j in range(labels.shape[1]) if 0 < labels[:, j].sum() < len(labels)]  # AUC needs both classes
-    out["roc_auc_micro"] = roc_auc_score(labels[:, scorable], probs[:, scorable], average="micro") if scorable \
-        else float("nan")
+    out["roc_auc_micro"] = (
+        roc_auc_score(labels[:, scorable], probs[:, scorable], average="micro") if scorable else float("nan")
+    )
     out["roc_auc_per_label"] = {j: float(roc_auc_score(labels[:, j], probs[:, j])) for j in scorable}
     out["f1_per_label"] = f1_score(labels, pred, average=None, zero_division=0).tolist()
     return {k: (float(v) if isinstance(v, (float, np.floating)) else v) for k, v in out.items()}
@@ -39,11 +40,14 @@ def singlelabel_metrics(logits: np.ndarray, labels: np.ndarray) -> dict:
     from sklearn.metrics import accuracy_score, f1_score
 
     pred = logits.argmax(-1)
-    return {"accuracy": float(accuracy_score(labels, pred)),
-            "f1_macro": float(f1_score(labels, pred, average="macro", zero_division=0)),
-            "f1_micro": float(f1_score(labels, pred, average="micro", zero_division=0)),
-            "f1_per_label": f1_score(labels, pred, average=None, zero_division=0,
-                                     labels=list(range(logits.shape[-1]))).tolist()}
+    return {
+        "accuracy": float(accuracy_score(labels, pred)),
+        "f1_macro": float(f1_score(labels, pred, average="macro", zero_division=0)),
+        "f1_micro": float(f1_score(labels, pred, average="micro", zero_division=0)),
+        "f1_per_label": f1_score(
+            labels, pred, average=None, zero_division=0, labels=list(range(logits.shape[-1]))
+        ).tolist(),
+    }
 
 
 def tune_thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -64,8 +68,9 @@ def per_label_table(names: list[str], metrics: dict, thresholds: np.ndarray | No
     lines = [f"{'label':<24}{'support':>8}{'F1':>8}{'ROC-AUC':>9}{'threshold':>11}", "-" * 60]
     for j, name in enumerate(names):
         thr = f"{thresholds[j]:.2f}" if thresholds is not None else "-"
-        lines.append(f"{name:<24}{int(support[j]):>8}{metrics['f1_per_label'][j]:>8.3f}"
-                     f"{auc.get(j, float('nan')):>9.3f}{thr:>11}")
+        lines.append(
+            f"{name:<24}{int(support[j]):>8}{metrics['f1_per_label'][j]:>8.3f}{auc.get(j, float('nan')):>9.3f}{thr:>11}"
+        )
     return "\n".join(lines)
 
 

@@ -45,8 +45,10 @@ def task_manager(TaskManager, tasks: list[str], include_paths: list[str]):
     manager = TaskManager(include_path=include_paths)
     unknown = [t for t in tasks if t not in manager.all_tasks]
     if unknown:
-        raise UserError(f"unknown lm-eval task(s) {unknown}; list them with `lm-eval ls tasks`, or add a folder "
-                        "of task YAMLs with --include-path")
+        raise UserError(
+            f"unknown lm-eval task(s) {unknown}; list them with `lm-eval ls tasks`, or add a folder "
+            "of task YAMLs with --include-path"
+        )
     return manager
 
 
@@ -54,8 +56,10 @@ def check_target(target: str) -> None:
     """Refuse what cannot be scored before indexing tasks or loading anything."""
     path = Path(target)
     if path.suffix == ".gguf":
-        raise UserError(f"{target}: lm-eval on GGUF goes through a llama.cpp server whose log-likelihoods disagree "
-                        "with transformers; run lm-eval on the merged folder the GGUF was exported from")
+        raise UserError(
+            f"{target}: lm-eval on GGUF goes through a llama.cpp server whose log-likelihoods disagree "
+            "with transformers; run lm-eval on the merged folder the GGUF was exported from"
+        )
     if path.exists() and not ((path / "stage.json").is_file() or (path / "config.json").is_file()):
         raise UserError(f"{target} is not a stage folder (stage.json), a model folder (config.json) or a .gguf file")
 
@@ -71,8 +75,16 @@ def load_target(target: str):
     if (path / "stage.json").is_file():
         model, tokenizer, _ = load_stage_model(path)
         stage = json.loads((path / "stage.json").read_text(encoding="utf-8"))
-        return model, tokenizer, {"stage": stage.get("stage"), "base_model": stage.get("base_model"),
-                                  "parent": stage.get("parent"), "folder": str(path)}
+        return (
+            model,
+            tokenizer,
+            {
+                "stage": stage.get("stage"),
+                "base_model": stage.get("base_model"),
+                "parent": stage.get("parent"),
+                "folder": str(path),
+            },
+        )
     try:  # a merged folder, or a base model (Hub id or folder) to compare against
         model = AutoModelForCausalLM.from_pretrained(target, dtype="auto").eval()
         tokenizer = AutoTokenizer.from_pretrained(target)
@@ -81,18 +93,37 @@ def load_target(target: str):
     return model, tokenizer, {"model": target}
 
 
-def run_lm_eval(target: str, tasks: list[str], out: str | Path, *, limit: float | None = None,
-                num_fewshot: int | None = None, batch_size: int = 8, include_paths: list[str] | None = None,
-                log_samples: bool = False, apply_chat_template: bool = False, seed: int = 1234) -> dict:
+def run_lm_eval(
+    target: str,
+    tasks: list[str],
+    out: str | Path,
+    *,
+    limit: float | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 8,
+    include_paths: list[str] | None = None,
+    log_samples: bool = False,
+    apply_chat_template: bool = False,
+    seed: int = 1234,
+) -> dict:
     lm_eval, HFLM, TaskManager = _lm_eval()
     check_target(target)
     manager = task_manager(TaskManager, tasks, [str(BUNDLED_TASKS), *(include_paths or [])])
     model, tokenizer, lineage = load_target(target)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
-    results = lm_eval.simple_evaluate(model=lm, tasks=tasks, num_fewshot=num_fewshot, limit=limit,
-                                      task_manager=manager, log_samples=log_samples,
-                                      apply_chat_template=apply_chat_template, random_seed=seed,
-                                      numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+    results = lm_eval.simple_evaluate(
+        model=lm,
+        tasks=tasks,
+        num_fewshot=num_fewshot,
+        limit=limit,
+        task_manager=manager,
+        log_samples=log_samples,
+        apply_chat_template=apply_chat_template,
+        random_seed=seed,
+        numpy_random_seed=seed,
+        torch_random_seed=seed,
+        fewshot_random_seed=seed,
+    )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     samples = results.pop("samples", None) or {}
@@ -100,12 +131,20 @@ def run_lm_eval(target: str, tasks: list[str], out: str | Path, *, limit: float 
         with open(out / f"samples_{task}.jsonl", "w", encoding="utf-8") as f:
             for row in rows:
                 f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
-    report = {"target": lineage, "tasks": tasks, "limit": limit, "num_fewshot": num_fewshot,
-              "results": results["results"], "n_samples": results.get("n-samples"),
-              "versions": results.get("versions"), "configs": results.get("configs"),
-              "lm_eval_version": lm_eval.__version__}
-    (out / "lm_eval_results.json").write_text(json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n",
-                                              encoding="utf-8")
+    report = {
+        "target": lineage,
+        "tasks": tasks,
+        "limit": limit,
+        "num_fewshot": num_fewshot,
+        "results": results["results"],
+        "n_samples": results.get("n-samples"),
+        "versions": results.get("versions"),
+        "configs": results.get("configs"),
+        "lm_eval_version": lm_eval.__version__,
+    }
+    (out / "lm_eval_results.json").write_text(
+        json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
+    )
     report["table"] = format_results(report)
     return report
 
@@ -124,7 +163,9 @@ def format_results(report: dict) -> str:
                 continue
             metric, filt = key.split(",", 1)
             stderr = scores.get(f"{metric}_stderr,{filt}")
-            lines.append(f"| {task} | {metric} | {filt} | {value:.4f} | "
-                         f"{stderr:.4f} | {n} |" if isinstance(stderr, int | float) else
-                         f"| {task} | {metric} | {filt} | {value:.4f} | | {n} |")
+            lines.append(
+                f"| {task} | {metric} | {filt} | {value:.4f} | {stderr:.4f} | {n} |"
+                if isinstance(stderr, int | float)
+                else f"| {task} | {metric} | {filt} | {value:.4f} | | {n} |"
+            )
     return "\n".join(lines)

@@ -26,7 +26,7 @@ _PUNCT = set(string.punctuation)
 def clean_answer(text: str, prompt: str = "", rules: CleanupRules | None = None) -> str:
     rules = rules or CleanupRules()
     if rules.strip_prompt_echo and prompt and text.startswith(prompt):
-        text = text[len(prompt):]
+        text = text[len(prompt) :]
     cut = min((i for i in (text.find(m) for m in rules.stop_markers) if i >= 0), default=len(text))
     text = text[:cut]
     if rules.strip_think:
@@ -36,7 +36,7 @@ def clean_answer(text: str, prompt: str = "", rules: CleanupRules | None = None)
     text = text.strip()
     for prefix in rules.answer_prefixes:
         if text.lower().startswith(prefix.lower()):
-            text = text[len(prefix):].strip()
+            text = text[len(prefix) :].strip()
             break
     if rules.first_line_only:
         text = next((line.strip() for line in text.splitlines() if line.strip()), "")
@@ -93,22 +93,31 @@ def extract_choice(prediction: str, choices: list[str]) -> str | None:
 
 def score_example(prediction: str, references: list[str], choices: list[str] | None = None) -> dict:
     """Every metric for one example; multiple-choice examples add `choice` and `accuracy`."""
-    scores = {"exact_match": exact_match(prediction, references), "f1": char_f1(prediction, references),
-              "contains_reference": contains_reference(prediction, references), "length": len(prediction)}
+    scores = {
+        "exact_match": exact_match(prediction, references),
+        "f1": char_f1(prediction, references),
+        "contains_reference": contains_reference(prediction, references),
+        "length": len(prediction),
+    }
     if choices:
         picked = extract_choice(prediction, choices)
         gold = {r.strip().upper() for r in references if len(r.strip()) == 1}
-        gold |= {"ABCDEFGHIJ"[i] for i, c in enumerate(choices) if any(normalize_answer(c) == normalize_answer(r)
-                                                                       for r in references)}
+        gold |= {
+            "ABCDEFGHIJ"[i]
+            for i, c in enumerate(choices)
+            if any(normalize_answer(c) == normalize_answer(r) for r in references)
+        }
         scores.update(choice=picked, accuracy=float(picked in gold))
     return scores
 
 
 def aggregate(per_example: list[dict]) -> dict:
-    keys = [k for k in ("exact_match", "f1", "contains_reference", "length", "accuracy")
-            if any(k in s for s in per_example)]
-    return {k: round(sum(s[k] for s in per_example if k in s) / max(1, sum(k in s for s in per_example)), 4)
-            for k in keys} | {"examples": len(per_example)}
+    keys = [
+        k for k in ("exact_match", "f1", "contains_reference", "length", "accuracy") if any(k in s for s in per_example)
+    ]
+    return {
+        k: round(sum(s[k] for s in per_example if k in s) / max(1, sum(k in s for s in per_example)), 4) for k in keys
+    } | {"examples": len(per_example)}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -58,8 +58,15 @@ def load_examples(path: str | Path, cfg: EvalConfig, out: Path) -> list[dict]:
             elif not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
                 rejected.append({"line": line_no, "reason": "missing_answer", "row": row})
             else:
-                examples.append({"id": str(row.get(column["id"], line_no)), "question": question, "references": refs,
-                                 "context": row.get(column["context"]) or "", "choices": row.get(column["choices"])})
+                examples.append(
+                    {
+                        "id": str(row.get(column["id"], line_no)),
+                        "question": question,
+                        "references": refs,
+                        "context": row.get(column["context"]) or "",
+                        "choices": row.get(column["choices"]),
+                    }
+                )
     if rejected:
         out.mkdir(parents=True, exist_ok=True)
         with open(out / "rejected.jsonl", "w", encoding="utf-8") as f:
@@ -74,13 +81,15 @@ def load_examples(path: str | Path, cfg: EvalConfig, out: Path) -> list[dict]:
 
 def question_text(variant: str, ex: dict) -> str:
     context = f"{ex['context']}\n\n" if ex["context"] else ""
-    choices = ("\n\n" + "\n".join(f"{'ABCDEFGHIJ'[i]}. {c}" for i, c in enumerate(ex["choices"]))
-               if ex.get("choices") else "")
+    choices = (
+        "\n\n" + "\n".join(f"{'ABCDEFGHIJ'[i]}. {c}" for i, c in enumerate(ex["choices"])) if ex.get("choices") else ""
+    )
     try:
         return variant.format(context=context, question=ex["question"], choices=choices)
     except KeyError as err:
-        raise UserError(f"eval.prompt_variants: unknown placeholder {err}; use {{context}}, {{question}}, "
-                        "{choices}") from None
+        raise UserError(
+            f"eval.prompt_variants: unknown placeholder {err}; use {{context}}, {{question}}, {{choices}}"
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -92,8 +101,9 @@ def _score(examples: list[dict], answers: list[str]) -> tuple[list[dict], dict]:
     return per, aggregate(per)
 
 
-def run_eval(specs: list[str], cfg: EvalConfig, out: str | Path, data: str | None = None,
-             checkpoints: bool = False) -> dict:
+def run_eval(
+    specs: list[str], cfg: EvalConfig, out: str | Path, data: str | None = None, checkpoints: bool = False
+) -> dict:
     out = Path(out)
     data = data or cfg.data
     if not data:
@@ -111,8 +121,10 @@ def run_eval(specs: list[str], cfg: EvalConfig, out: str | Path, data: str | Non
                 label = f"{target.label} | {dec.name}" + (f" | prompt {v}" if len(cfg.prompt_variants) > 1 else "")
                 prompts = [generator.render(question_text(variant, ex)) for ex in examples]
                 candidates = generator.generate(prompts, dec, cfg.batch_size)
-                cleaned = [[(clean_answer(t, p, cfg.cleanup), lp) for t, lp in cands]
-                           for p, cands in zip(prompts, candidates, strict=True)]
+                cleaned = [
+                    [(clean_answer(t, p, cfg.cleanup), lp) for t, lp in cands]
+                    for p, cands in zip(prompts, candidates, strict=True)
+                ]
                 top = [c[0][0] for c in cleaned]
                 voted = [vote(c) for c in cleaned]
                 per, metrics = _score(examples, top)
@@ -123,17 +135,32 @@ def run_eval(specs: list[str], cfg: EvalConfig, out: str | Path, data: str | Non
                 answer_of = [a for a, _ in voted] if dec.num_return_sequences > 1 else top
                 variant_answers.append([(a, max(lp for _, lp in c)) for a, c in zip(answer_of, cleaned, strict=True)])
                 for ex, p, cands, clean, s in zip(examples, prompts, candidates, cleaned, per, strict=True):
-                    rows.append({"member": label, "id": ex["id"], "prompt": p, "references": ex["references"],
-                                 "completions": [{"text": t, "logprob": round(lp, 4)} for t, lp in cands],
-                                 "answers": [a for a, _ in clean], "scores": s})
+                    rows.append(
+                        {
+                            "member": label,
+                            "id": ex["id"],
+                            "prompt": p,
+                            "references": ex["references"],
+                            "completions": [{"text": t, "logprob": round(lp, 4)} for t, lp in cands],
+                            "answers": [a for a, _ in clean],
+                            "scores": s,
+                        }
+                    )
             if len(cfg.prompt_variants) > 1:
                 answers = [vote([va[i] for va in variant_answers])[0] for i in range(len(examples))]
                 members[f"{target.label} | {dec.name} | vote over prompts"] = {
-                    "target": target.label, "decoding": dec.name, "metrics": _score(examples, answers)[1]}
+                    "target": target.label,
+                    "decoding": dec.name,
+                    "metrics": _score(examples, answers)[1],
+                }
         del generator
 
-    report: dict = {"data": str(data), "examples": len(examples), "primary_metric": cfg.primary_metric,
-                    "members": members}
+    report: dict = {
+        "data": str(data),
+        "examples": len(examples),
+        "primary_metric": cfg.primary_metric,
+        "members": members,
+    }
     base_members = [(label, m) for label, m in members.items() if "vote over" not in label]
     if len(base_members) > 1:
         by_member: dict[str, list[str]] = {}
@@ -163,16 +190,24 @@ def _pick_best(targets: list[Target], members: dict, metric: str) -> dict:
     ranked = {t.label: sum(scores[t.label]) / len(scores[t.label]) for t in targets if t.adapter is not None}
     best_label = max(ranked, key=lambda k: ranked[k])  # max() keeps the first: the earliest checkpoint wins a tie
     best = next(t for t in targets if t.label == best_label)
-    record = {"metric": metric, "best": best_label, "adapter": str(best.adapter), "score": ranked[best_label],
-              "scores": ranked}
+    record = {
+        "metric": metric,
+        "best": best_label,
+        "adapter": str(best.adapter),
+        "score": ranked[best_label],
+        "scores": ranked,
+    }
     (best.path / BEST_CHECKPOINT).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
     log.info("best on %s: %s (%.4f) -> %s", metric, best_label, ranked[best_label], best.path / BEST_CHECKPOINT)
     return record
 
 
 def format_eval(report: dict) -> str:
-    metric_names = [k for k in ("exact_match", "f1", "accuracy", "contains_reference", "length")
-                    if any(k in m["metrics"] for m in report["members"].values())]
+    metric_names = [
+        k
+        for k in ("exact_match", "f1", "accuracy", "contains_reference", "length")
+        if any(k in m["metrics"] for m in report["members"].values())
+    ]
     width = max([len(label) + 24 for label in report["members"]] + [20]) + 2
     header = f"{'member':<{width}}" + "".join(f"{k:>20}" for k in metric_names)
     lines = [header, "-" * len(header)]

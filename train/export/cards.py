@@ -45,8 +45,19 @@ def _stage_section(stage_dir: Path) -> str:
     manifest = _manifest(info)
     metrics = info.get("metrics", {})
     sources = ", ".join(f"{s.get('name')} ({s.get('schema')}, {s.get('path')})" for s in data.get("sources", []))
-    counts = {k: manifest[k] for k in ("raw_rows", "rejected", "duplicates_removed", "near_duplicates_removed",
-                                         "contaminated_removed", "mixed_rows", "train_tokens") if k in manifest}
+    counts = {
+        k: manifest[k]
+        for k in (
+            "raw_rows",
+            "rejected",
+            "duplicates_removed",
+            "near_duplicates_removed",
+            "contaminated_removed",
+            "mixed_rows",
+            "train_tokens",
+        )
+        if k in manifest
+    }
     rows = [
         f"### {info['stage']}" + (f": {info.get('description')}" if info.get("description") else ""),
         "",
@@ -69,36 +80,62 @@ def _stage_section(stage_dir: Path) -> str:
     return "\n".join(rows)
 
 
-def write_model_card(folder: Path, lineage: list[Path], report: dict, license_id: str | None = None,
-                     gguf_files: list[str] | None = None) -> Path:
+def write_model_card(
+    folder: Path, lineage: list[Path], report: dict, license_id: str | None = None, gguf_files: list[str] | None = None
+) -> Path:
     """README.md in `folder`: base, every stage in order, parity figures, and how to run it."""
     last = read_stage(lineage[-1])
     base = last["base_model"]
     license_id = license_id or base_license(base) or "other"
-    meta = {"license": license_id, "base_model": base, "language": ["ko", "en"],
-            "tags": ["medical", "reasoning", "lora", "merged"] + (["gguf"] if gguf_files else []),
-            "library_name": "gguf" if gguf_files else "transformers"}
+    meta = {
+        "license": license_id,
+        "base_model": base,
+        "language": ["ko", "en"],
+        "tags": ["medical", "reasoning", "lora", "merged"] + (["gguf"] if gguf_files else []),
+        "library_name": "gguf" if gguf_files else "transformers",
+    }
     title = f"{last['stage']} ({'GGUF' if gguf_files else 'merged 16-bit'})"
     if gguf_files:
         first = gguf_files[-1]
-        usage = (f"```bash\nllama-cli -m {first} -cnv            # llama.cpp; chat template and EOS come from the file\n"
-                 f"```\n```python\nfrom llama_cpp import Llama\nllm = Llama('{first}', n_ctx=4096)\n"
-                 "print(llm.create_chat_completion([{'role': 'user', 'content': '흉통의 감별진단은?'}]))\n```")
+        usage = (
+            f"```bash\nllama-cli -m {first} -cnv            # llama.cpp; chat template and EOS come from the file\n"
+            f"```\n```python\nfrom llama_cpp import Llama\nllm = Llama('{first}', n_ctx=4096)\n"
+            "print(llm.create_chat_completion([{'role': 'user', 'content': '흉통의 감별진단은?'}]))\n```"
+        )
     else:
-        usage = ("```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
-                 "model = AutoModelForCausalLM.from_pretrained('.', dtype='auto')\n"
-                 "tokenizer = AutoTokenizer.from_pretrained('.')\n```")
-    license_note = "" if license_id != "other" else (
-        "\nThe base model's license could not be read here: check it before you publish (`--license`).\n")
-    text = "\n".join([
-        "---", yaml.safe_dump(meta, allow_unicode=True, sort_keys=False).strip(), "---", "",
-        f"# {title}", "",
-        f"Base model: `{base}`. Stages, oldest first, each merged in order into the base's 16-bit weights:",
-        "", *[_stage_section(d) + "\n" for d in lineage],
-        "## Checks run when this was written", "",
-        "```json", json.dumps(report, indent=2, ensure_ascii=False), "```", "",
-        "## How to run it", "", usage, license_note,
-    ])
+        usage = (
+            "```python\nfrom transformers import AutoModelForCausalLM, AutoTokenizer\n"
+            "model = AutoModelForCausalLM.from_pretrained('.', dtype='auto')\n"
+            "tokenizer = AutoTokenizer.from_pretrained('.')\n```"
+        )
+    license_note = (
+        ""
+        if license_id != "other"
+        else ("\nThe base model's license could not be read here: check it before you publish (`--license`).\n")
+    )
+    text = "\n".join(
+        [
+            "---",
+            yaml.safe_dump(meta, allow_unicode=True, sort_keys=False).strip(),
+            "---",
+            "",
+            f"# {title}",
+            "",
+            f"Base model: `{base}`. Stages, oldest first, each merged in order into the base's 16-bit weights:",
+            "",
+            *[_stage_section(d) + "\n" for d in lineage],
+            "## Checks run when this was written",
+            "",
+            "```json",
+            json.dumps(report, indent=2, ensure_ascii=False),
+            "```",
+            "",
+            "## How to run it",
+            "",
+            usage,
+            license_note,
+        ]
+    )
     path = folder / CARD
     path.write_text(text, encoding="utf-8")
     return path

@@ -66,13 +66,24 @@ def find_llama_cpp(explicit: str | None) -> Path:
             return Path(candidate).resolve()
         if candidate and candidate is explicit:
             raise UserError(f"--llama-cpp {explicit}: no convert_hf_to_gguf.py there (give a llama.cpp checkout)")
-    raise UserError("llama.cpp's converter is not installed: run `make install-export` (unpacks it from the "
-                    f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist) or pass --llama-cpp PATH_TO_LLAMA_CPP")
+    raise UserError(
+        "llama.cpp's converter is not installed: run `make install-export` (unpacks it from the "
+        f"llama-cpp-python {LLAMA_CPP_PYTHON_VERSION} sdist) or pass --llama-cpp PATH_TO_LLAMA_CPP"
+    )
 
 
 def convert(llama_cpp_dir: Path, merged_dir: Path, outtype: str, outfile: Path) -> None:
-    cmd = [sys.executable, "-m", "train.export.gguf_convert", str(llama_cpp_dir), str(merged_dir),
-           "--outtype", outtype, "--outfile", str(outfile)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "train.export.gguf_convert",
+        str(llama_cpp_dir),
+        str(merged_dir),
+        "--outtype",
+        outtype,
+        "--outfile",
+        str(outfile),
+    ]
     result = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO_ROOT)
     if result.returncode != 0 or not outfile.is_file():
         tail = "\n".join((result.stderr or result.stdout).strip().splitlines()[-5:])
@@ -80,8 +91,14 @@ def convert(llama_cpp_dir: Path, merged_dir: Path, outtype: str, outfile: Path) 
 
 
 def quantize(llama_cpp_dir: Path, source: Path, target: Path, quant: str) -> None:
-    binary = next((p for p in (llama_cpp_dir / "build" / "bin" / "llama-quantize", llama_cpp_dir / "llama-quantize")
-                   if p.is_file()), None)
+    binary = next(
+        (
+            p
+            for p in (llama_cpp_dir / "build" / "bin" / "llama-quantize", llama_cpp_dir / "llama-quantize")
+            if p.is_file()
+        ),
+        None,
+    )
     if binary is not None:
         result = subprocess.run([str(binary), str(source), str(target), quant.upper()], capture_output=True, text=True)
         ok, detail = result.returncode == 0, result.stderr.strip().splitlines()[-1:] if result.stderr else []
@@ -106,9 +123,14 @@ def gguf_contents(path: Path) -> dict:
         return reader.fields[key].contents() if key in reader.fields else None
 
     tensors = {t.name: (t.tensor_type.name, len([d for d in t.shape if d > 1])) for t in reader.tensors}
-    return {"chat_template": field("tokenizer.chat_template"), "eos_token_id": field("tokenizer.ggml.eos_token_id"),
-            "bos_token_id": field("tokenizer.ggml.bos_token_id"), "pre_tokenizer": field("tokenizer.ggml.pre"),
-            "architecture": field("general.architecture"), "tensors": tensors}
+    return {
+        "chat_template": field("tokenizer.chat_template"),
+        "eos_token_id": field("tokenizer.ggml.eos_token_id"),
+        "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+        "pre_tokenizer": field("tokenizer.ggml.pre"),
+        "architecture": field("general.architecture"),
+        "tensors": tensors,
+    }
 
 
 def fallback_tensors(tensors: dict, quant: str) -> dict:
@@ -118,7 +140,9 @@ def fallback_tensors(tensors: dict, quant: str) -> dict:
 
 
 def _llama(path: Path, n_ctx: int = 512):
-    return import_llama_cpp().Llama(str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1)
+    return import_llama_cpp().Llama(
+        str(path), n_ctx=n_ctx, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1
+    )
 
 
 def llama_logits(llm, token_lists: list[list[int]]):
@@ -146,17 +170,27 @@ def check_chat(llm, tokenizer, gguf_meta: dict) -> dict:
 
     messages = [{"role": "user", "content": PARITY_TEXTS[0]}]
     expected = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    rendered = Jinja2ChatFormatter(template=gguf_meta["chat_template"], eos_token=tokenizer.eos_token or "",
-                                   bos_token=tokenizer.bos_token or "")(messages=messages).prompt
+    rendered = Jinja2ChatFormatter(
+        template=gguf_meta["chat_template"], eos_token=tokenizer.eos_token or "", bos_token=tokenizer.bos_token or ""
+    )(messages=messages).prompt
     reply = llm.create_chat_completion(messages=messages, max_tokens=256, temperature=0.0)
     choice = reply["choices"][0]
-    return {"template_renders_identically": rendered == expected, "finish_reason": choice["finish_reason"],
-            "stops_at_eos": choice["finish_reason"] == "stop", "completion_tokens": reply["usage"]["completion_tokens"],
-            "reply": choice["message"]["content"][:300]}
+    return {
+        "template_renders_identically": rendered == expected,
+        "finish_reason": choice["finish_reason"],
+        "stops_at_eos": choice["finish_reason"] == "stop",
+        "completion_tokens": reply["usage"]["completion_tokens"],
+        "reply": choice["message"]["content"][:300],
+    }
 
 
-def export_gguf(merged_dir: str | Path, types: list[str], out: str | Path | None = None,
-                llama_cpp_dir: str | None = None, keep_intermediate: bool = False) -> dict:
+def export_gguf(
+    merged_dir: str | Path,
+    types: list[str],
+    out: str | Path | None = None,
+    llama_cpp_dir: str | None = None,
+    keep_intermediate: bool = False,
+) -> dict:
     """Write the requested GGUF files into `out` (default MERGED_DIR/gguf) and return the report."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -164,17 +198,23 @@ def export_gguf(merged_dir: str | Path, types: list[str], out: str | Path | None
 
     merged_dir = Path(merged_dir).resolve()
     if not (merged_dir / "config.json").is_file():
-        raise UserError(f"{merged_dir} is not a merged model folder (no config.json); run `python -m train merge` first")
+        raise UserError(
+            f"{merged_dir} is not a merged model folder (no config.json); run `python -m train merge` first"
+        )
     unknown = [t for t in types if t not in FLOAT_TYPES and t not in QUANT_TYPES]
     if unknown or not types:
-        raise UserError(f"--gguf {','.join(unknown) or '(empty)'}: choose from "
-                        f"{', '.join([*FLOAT_TYPES, *QUANT_TYPES])}")
+        raise UserError(
+            f"--gguf {','.join(unknown) or '(empty)'}: choose from {', '.join([*FLOAT_TYPES, *QUANT_TYPES])}"
+        )
     out = Path(out).resolve() if out else merged_dir / "gguf"
     check_output_dir(out, EXPORT_REPORT)
     llama_dir = find_llama_cpp(llama_cpp_dir)
     import_llama_cpp()  # fail before converting when the checks cannot run
-    merge_report = json.loads((merged_dir / MERGE_REPORT).read_text(encoding="utf-8")) \
-        if (merged_dir / MERGE_REPORT).is_file() else {}
+    merge_report = (
+        json.loads((merged_dir / MERGE_REPORT).read_text(encoding="utf-8"))
+        if (merged_dir / MERGE_REPORT).is_file()
+        else {}
+    )
     name = Path(merge_report["lineage"][-1]).name if merge_report.get("lineage") else merged_dir.name
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -197,8 +237,13 @@ def export_gguf(merged_dir: str | Path, types: list[str], out: str | Path | None
         log.info("quantizing to %s", files[quant].name)
         quantize(llama_dir, float_file, files[quant], quant)
 
-    report: dict = {"merged_dir": str(merged_dir), "llama_cpp": str(llama_dir), "reference_dtype": ref_dtype,
-                    "tolerance": TOLERANCE, "files": {}}
+    report: dict = {
+        "merged_dir": str(merged_dir),
+        "llama_cpp": str(llama_dir),
+        "reference_dtype": ref_dtype,
+        "tolerance": TOLERANCE,
+        "files": {},
+    }
     failures = []
     for kind, path in files.items():
         if kind not in types and not keep_intermediate:
@@ -208,22 +253,31 @@ def export_gguf(merged_dir: str | Path, types: list[str], out: str | Path | None
         ids_llama = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in TOKENIZER_TEXTS]
         mismatched = [t for t, a, b in zip(TOKENIZER_TEXTS, ids_llama, token_lists, strict=True) if a[:128] != b]
         logits = llama_logits(llm, token_lists)
-        entry = {"bytes": path.stat().st_size, "tensor_types": dict(Counter(k for k, _ in meta["tensors"].values())),
-                 "pre_tokenizer": meta["pre_tokenizer"], "tokenization_identical": not mismatched,
-                 "tokenization_mismatches": mismatched,
-                 "chat_template_in_metadata": meta["chat_template"] == tokenizer.chat_template,
-                 "eos_in_metadata": meta["eos_token_id"] == tokenizer.eos_token_id,
-                 "vs_merged": compare_logits(merged_logits, logits)}
+        entry = {
+            "bytes": path.stat().st_size,
+            "tensor_types": dict(Counter(k for k, _ in meta["tensors"].values())),
+            "pre_tokenizer": meta["pre_tokenizer"],
+            "tokenization_identical": not mismatched,
+            "tokenization_mismatches": mismatched,
+            "chat_template_in_metadata": meta["chat_template"] == tokenizer.chat_template,
+            "eos_in_metadata": meta["eos_token_id"] == tokenizer.eos_token_id,
+            "vs_merged": compare_logits(merged_logits, logits),
+        }
         if kind in QUANT_TYPES:
-            same_file = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
-                                                             dtype=torch_dtype(ref_dtype)).eval()
+            same_file = AutoModelForCausalLM.from_pretrained(
+                str(path.parent), gguf_file=path.name, dtype=torch_dtype(ref_dtype)
+            ).eval()
             entry["vs_transformers_same_file"] = compare_logits(token_logits(same_file, token_lists), logits)
             del same_file
             entry["fallback_tensors"] = fallback_tensors(meta["tensors"], kind)
             if entry["fallback_tensors"]:
-                log.warning("%s: %d tensors were not written as %s but as %s (rows not a multiple of 256?)",
-                            kind, len(entry["fallback_tensors"]), "/".join(sorted(QUANT_TYPES[kind][1])),
-                            dict(Counter(entry["fallback_tensors"].values())))
+                log.warning(
+                    "%s: %d tensors were not written as %s but as %s (rows not a multiple of 256?)",
+                    kind,
+                    len(entry["fallback_tensors"]),
+                    "/".join(sorted(QUANT_TYPES[kind][1])),
+                    dict(Counter(entry["fallback_tensors"].values())),
+                )
             checked, (rel, agree) = entry["vs_transformers_same_file"], TOLERANCE["quant_same_file"]
         else:
             checked, (rel, agree) = entry["vs_merged"], TOLERANCE["float"]
@@ -236,10 +290,16 @@ def export_gguf(merged_dir: str | Path, types: list[str], out: str | Path | None
         if entry["chat"] and not entry["chat"]["template_renders_identically"]:
             failures.append(f"{kind}: llama.cpp renders the chat template differently from transformers")
         report["files"][path.name] = {"type": kind, **entry}
-        log.info("%s: %.1f MB, logits vs %s max diff %.4f (%.2f%%), argmax agreement %.3f, chat stops at EOS: %s",
-                 path.name, entry["bytes"] / 1e6, "same file in transformers" if kind in QUANT_TYPES else "merged",
-                 checked["max_abs_diff"], 100 * checked["relative_diff"], checked["argmax_agreement"],
-                 entry["chat"] and entry["chat"]["stops_at_eos"])
+        log.info(
+            "%s: %.1f MB, logits vs %s max diff %.4f (%.2f%%), argmax agreement %.3f, chat stops at EOS: %s",
+            path.name,
+            entry["bytes"] / 1e6,
+            "same file in transformers" if kind in QUANT_TYPES else "merged",
+            checked["max_abs_diff"],
+            100 * checked["relative_diff"],
+            checked["argmax_agreement"],
+            entry["chat"] and entry["chat"]["stops_at_eos"],
+        )
     if float_type not in types and not keep_intermediate:
         float_file.unlink()
     report["failures"] = failures
@@ -248,8 +308,9 @@ def export_gguf(merged_dir: str | Path, types: list[str], out: str | Path | None
         raise UserError(f"GGUF parity failed ({'; '.join(failures)}); files and report left in {tmp}")
     lineage = [Path(p) for p in merge_report.get("lineage", [])]
     if lineage:
-        write_model_card(tmp, lineage, {"merge": merge_report, "export": report},
-                         gguf_files=[p for p in report["files"]])
+        write_model_card(
+            tmp, lineage, {"merge": merge_report, "export": report}, gguf_files=[p for p in report["files"]]
+        )
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     report["out"] = str(out)
@@ -262,9 +323,12 @@ def format_export(report: dict) -> str:
     for name, e in report["files"].items():
         checked = e.get("vs_transformers_same_file") or e["vs_merged"]
         stop = e["chat"]["stops_at_eos"] if e.get("chat") else None
-        lines.append(f"{name:<34}{e['bytes'] / 1e6:>8.2f}{checked['max_abs_diff']:>10.4f}{checked['relative_diff']:>8.4f}"
-                     f"{checked['argmax_agreement']:>8.3f}{e['tokenization_identical']!s:>8}{stop!s:>9}  "
-                     f"{e['tensor_types']}" + (f"  FALLBACK {len(e['fallback_tensors'])}" if e.get("fallback_tensors")
-                                               else ""))
-    return ("\n".join(lines) + "\n(max diff: 16-bit files vs transformers on the merged weights; quantized files vs "
-            f"transformers reading the same file)\nGGUF files and export_report.json in {report['out']}\n")
+        lines.append(
+            f"{name:<34}{e['bytes'] / 1e6:>8.2f}{checked['max_abs_diff']:>10.4f}{checked['relative_diff']:>8.4f}"
+            f"{checked['argmax_agreement']:>8.3f}{e['tokenization_identical']!s:>8}{stop!s:>9}  "
+            f"{e['tensor_types']}" + (f"  FALLBACK {len(e['fallback_tensors'])}" if e.get("fallback_tensors") else "")
+        )
+    return (
+        "\n".join(lines) + "\n(max diff: 16-bit files vs transformers on the merged weights; quantized files vs "
+        f"transformers reading the same file)\nGGUF files and export_report.json in {report['out']}\n"
+    )

@@ -30,9 +30,13 @@ def splits_like_qwen2(model_dir: Path) -> bool:
     if pre.get("type") != "Sequence" or len(steps) != 2:
         return False
     split, byte_level = steps
-    return (split.get("type") == "Split" and split.get("pattern", {}).get("Regex") == QWEN2_SPLIT_REGEX
-            and split.get("behavior") == "Isolated" and byte_level.get("type") == "ByteLevel"
-            and byte_level.get("use_regex") is False)
+    return (
+        split.get("type") == "Split"
+        and split.get("pattern", {}).get("Regex") == QWEN2_SPLIT_REGEX
+        and split.get("behavior") == "Isolated"
+        and byte_level.get("type") == "ByteLevel"
+        and byte_level.get("use_regex") is False
+    )
 
 
 def _patch(text_model_cls, model_dir: Path) -> None:

@@ -20,14 +20,21 @@ TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 def hub_token() -> str:
     token = next((os.environ[v] for v in TOKEN_VARIABLES if os.environ.get(v)), None)
     if not token:
-        raise UserError("--push-to-hub needs a write token in HF_TOKEN (environment only; it is never printed or saved)")
+        raise UserError(
+            "--push-to-hub needs a write token in HF_TOKEN (environment only; it is never printed or saved)"
+        )
     if os.environ.get("HF_HUB_OFFLINE") == "1":
         raise UserError("--push-to-hub with HF_HUB_OFFLINE=1: unset HF_HUB_OFFLINE to upload")
     return token
 
 
-def push_folder(folder: str | Path, repo_id: str, allow_patterns: list[str] | None = None,
-                private: bool = True, message: str = "Upload from stage-trainer") -> str:
+def push_folder(
+    folder: str | Path,
+    repo_id: str,
+    allow_patterns: list[str] | None = None,
+    private: bool = True,
+    message: str = "Upload from stage-trainer",
+) -> str:
     """Create `repo_id` if needed (private unless told otherwise) and upload `folder`; returns the commit URL."""
     from huggingface_hub import HfApi
     from huggingface_hub.errors import HfHubHTTPError
@@ -36,8 +43,9 @@ def push_folder(folder: str | Path, repo_id: str, allow_patterns: list[str] | No
     api = HfApi(token=hub_token(), endpoint=os.environ.get("HF_ENDPOINT") or None)
     try:
         api.create_repo(repo_id, exist_ok=True, private=private)
-        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id, allow_patterns=allow_patterns,
-                                   commit_message=message)
+        commit = api.upload_folder(
+            folder_path=str(folder), repo_id=repo_id, allow_patterns=allow_patterns, commit_message=message
+        )
     except HfHubHTTPError as err:
         # huggingface_hub's messages name the URL and status, never the token.
         raise UserError(f"upload of {folder} to {repo_id} failed: {str(err).splitlines()[0]}") from None

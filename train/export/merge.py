@@ -66,13 +66,21 @@ def _base_model(stage_dir: Path, info: dict, recipe, dtype: str, dequantize: boo
     if quant is None and not prequantized:
         raise UserError(f"--dequantize: stage {stage_dir} was not trained quantized (model.quantization: none)")
     log.info("loading %s quantized and dequantizing it to %s", source, dtype)
-    model = AutoModelForCausalLM.from_pretrained(source, quantization_config=quant, dtype=torch_dtype(dtype),
-                                                 low_cpu_mem_usage=True)
+    model = AutoModelForCausalLM.from_pretrained(
+        source, quantization_config=quant, dtype=torch_dtype(dtype), low_cpu_mem_usage=True
+    )
     return model.dequantize()
 
 
-def merge_stage(stage_dir: str | Path, out: str | Path, adapter: str | Path | None = None, dtype: str = "bfloat16",
-                dequantize: bool = False, max_shard_size: str = "5GB", license_id: str | None = None) -> dict:
+def merge_stage(
+    stage_dir: str | Path,
+    out: str | Path,
+    adapter: str | Path | None = None,
+    dtype: str = "bfloat16",
+    dequantize: bool = False,
+    max_shard_size: str = "5GB",
+    license_id: str | None = None,
+) -> dict:
     """Write the merged model to `out` (atomically) and return the parity report."""
     from peft import PeftModel
     from transformers import AutoTokenizer
@@ -106,14 +114,24 @@ def merge_stage(stage_dir: str | Path, out: str | Path, adapter: str | Path | No
     parity = compare_logits(with_adapter, merged_logits)
     effect = compare_logits(without_adapter, merged_logits)
     tolerance = MERGE_TOLERANCE[dtype]
-    report = {"stage": str(stage_dir), "adapter": str(adapter), "dtype": dtype, "dequantized_base": dequantize,
-              "chat_template": recipe.data.template,
-              "parity_texts": len(texts), "merged_vs_base_plus_adapter": parity, "tolerance_relative": tolerance,
-              "adapter_effect": effect, "lineage": [str(p) for p in stage_lineage(stage_dir)]}
+    report = {
+        "stage": str(stage_dir),
+        "adapter": str(adapter),
+        "dtype": dtype,
+        "dequantized_base": dequantize,
+        "chat_template": recipe.data.template,
+        "parity_texts": len(texts),
+        "merged_vs_base_plus_adapter": parity,
+        "tolerance_relative": tolerance,
+        "adapter_effect": effect,
+        "lineage": [str(p) for p in stage_lineage(stage_dir)],
+    }
     if parity["relative_diff"] > tolerance:
-        raise UserError(f"merged model disagrees with base + adapter: max logit diff {parity['max_abs_diff']} "
-                        f"({parity['relative_diff']:.2%} of the largest logit, tolerance {tolerance:.2%}); "
-                        "nothing was written")
+        raise UserError(
+            f"merged model disagrees with base + adapter: max logit diff {parity['max_abs_diff']} "
+            f"({parity['relative_diff']:.2%} of the largest logit, tolerance {tolerance:.2%}); "
+            "nothing was written"
+        )
     if effect["max_abs_diff"] == 0.0:
         log.warning("the adapter changes nothing (max logit diff 0 with and without it): was it trained?")
 
@@ -128,7 +146,12 @@ def merge_stage(stage_dir: str | Path, out: str | Path, adapter: str | Path | No
     write_model_card(tmp, stage_lineage(stage_dir), report, license_id=license_id)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
-    log.info("merged model in %s: max logit diff vs base+adapter %.2e (%.3f%% of max logit), adapter moved "
-             "logits by up to %.3f", out, parity["max_abs_diff"], 100 * parity["relative_diff"],
-             effect["max_abs_diff"])
+    log.info(
+        "merged model in %s: max logit diff vs base+adapter %.2e (%.3f%% of max logit), adapter moved "
+        "logits by up to %.3f",
+        out,
+        parity["max_abs_diff"],
+        100 * parity["relative_diff"],
+        effect["max_abs_diff"],
+    )
     return report

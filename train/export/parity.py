@@ -10,13 +10,16 @@ PARITY_TEXTS = [
     "다음 문장을 영어로 번역하세요: 환자는 어제부터 열이 났습니다.",
 ]
 
+
 def token_logits(model, token_lists: list[list[int]]):
     """Float32 logits of each token sequence (one at a time: no padding to get in the way), on CPU."""
     import torch
 
     with torch.no_grad():
-        return [model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits[0].float().cpu()
-                for ids in token_lists]
+        return [
+            model(input_ids=torch.tensor([ids], device=model.device), use_cache=False).logits[0].float().cpu()
+            for ids in token_lists
+        ]
 
 
 def text_logits(model, tokenizer, texts: list[str], max_tokens: int = 128):
@@ -30,5 +33,9 @@ def compare_logits(reference, candidate) -> dict:
     diff = max(float((a - b).abs().max()) for a, b in zip(reference, candidate, strict=True))
     scale = max(float(a.abs().max()) for a in reference)
     agree = torch.cat([(a.argmax(-1) == b.argmax(-1)).float() for a, b in zip(reference, candidate, strict=True)])
-    return {"max_abs_diff": round(diff, 6), "max_abs_logit": round(scale, 4),
-            "relative_diff": round(diff / max(scale, 1e-9), 6), "argmax_agreement": round(float(agree.mean()), 4)}
+    return {
+        "max_abs_diff": round(diff, 6),
+        "max_abs_logit": round(scale, 4),
+        "relative_diff": round(diff / max(scale, 1e-9), 6),
+        "argmax_agreement": round(float(agree.mean()), 4),
+    }

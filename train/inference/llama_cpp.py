@@ -16,8 +16,10 @@ def import_llama_cpp():
     try:
         import llama_cpp
     except ImportError:
-        raise UserError("GGUF quantization and parity checks need llama-cpp-python: run `make install-export` "
-                        f"(builds llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} for this CPU, ~6 min on 2 cores)") from None
+        raise UserError(
+            "GGUF quantization and parity checks need llama-cpp-python: run `make install-export` "
+            f"(builds llama-cpp-python=={LLAMA_CPP_PYTHON_VERSION} for this CPU, ~6 min on 2 cores)"
+        ) from None
     return llama_cpp
 
 
@@ -27,14 +29,18 @@ class LlamaCppGenerator:
     def __init__(self, target: Target):
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
-        self.llm = import_llama_cpp().Llama(str(target.path), n_ctx=4096, logits_all=True, verbose=False,
-                                      n_threads=os.cpu_count() or 1)
+        self.llm = import_llama_cpp().Llama(
+            str(target.path), n_ctx=4096, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1
+        )
         meta = self.llm.metadata
         template = meta.get("tokenizer.chat_template")
         eos, bos = self.llm.token_eos(), self.llm.token_bos()
         text = self.llm._model.token_get_text  # noqa: SLF001 - llama-cpp-python's own way to name a token
-        self.formatter = Jinja2ChatFormatter(template, eos_token=text(eos), bos_token=text(bos) if bos >= 0 else "") \
-            if template else None
+        self.formatter = (
+            Jinja2ChatFormatter(template, eos_token=text(eos), bos_token=text(bos) if bos >= 0 else "")
+            if template
+            else None
+        )
 
     def render(self, question: str) -> str:
         if self.formatter is None:
@@ -43,8 +49,10 @@ class LlamaCppGenerator:
 
     def generate(self, prompts: list[str], dec: DecodingConfig, batch_size: int) -> list[list[tuple[str, float]]]:
         if dec.num_beams > 1:
-            raise UserError(f"decoding '{dec.name}': llama.cpp (GGUF) has no beam search; use greedy or sampling, or "
-                            "evaluate the merged model for beams")
+            raise UserError(
+                f"decoding '{dec.name}': llama.cpp (GGUF) has no beam search; use greedy or sampling, or "
+                "evaluate the merged model for beams"
+            )
         results = []
         for prompt in prompts:
             ids = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
@@ -52,9 +60,15 @@ class LlamaCppGenerator:
             for i in range(dec.num_return_sequences):
                 self.llm.reset()
                 reply = self.llm.create_completion(
-                    ids, max_tokens=dec.max_new_tokens, temperature=dec.temperature if dec.do_sample else 0.0,
-                    top_k=dec.top_k if dec.do_sample else 1, top_p=dec.top_p, repeat_penalty=dec.repetition_penalty,
-                    seed=dec.seed + i, logprobs=1)
+                    ids,
+                    max_tokens=dec.max_new_tokens,
+                    temperature=dec.temperature if dec.do_sample else 0.0,
+                    top_k=dec.top_k if dec.do_sample else 1,
+                    top_p=dec.top_p,
+                    repeat_penalty=dec.repetition_penalty,
+                    seed=dec.seed + i,
+                    logprobs=1,
+                )
                 choice = reply["choices"][0]
                 candidates.append((choice["text"], float(sum(choice["logprobs"]["token_logprobs"] or [0.0]))))
             results.append(candidates)

@@ -26,8 +26,10 @@ def resolve_targets(specs: list[str], checkpoints: bool) -> list[Target]:
             targets.append(Target(path.name, "gguf", path))
         elif (path / "stage.json").is_file():
             if checkpoints:  # earliest first: a tie goes to the earlier checkpoint
-                ckpts = sorted((p for p in path.glob("checkpoint-*") if (p / "adapter_config.json").is_file()),
-                               key=lambda p: int(p.name.split("-")[1]))
+                ckpts = sorted(
+                    (p for p in path.glob("checkpoint-*") if (p / "adapter_config.json").is_file()),
+                    key=lambda p: int(p.name.split("-")[1]),
+                )
                 if not ckpts:
                     raise UserError(f"--checkpoints: {path} has no checkpoint-N folders with an adapter")
                 targets.extend(Target(f"{path.name}/{c.name}", "stage", path, c) for c in ckpts)

@@ -32,19 +32,24 @@ THRESHOLDS = "thresholds.json"
 
 @dataclass
 class ClsModel:
-    name_or_path: str = field(default=MINILM, metadata={"help": "Encoder id or folder (klue/roberta-base); "
-                                                                 "'minilm' = the offline all-MiniLM-L6-v2."})
+    name_or_path: str = field(
+        default=MINILM,
+        metadata={"help": "Encoder id or folder (klue/roberta-base); 'minilm' = the offline all-MiniLM-L6-v2."},
+    )
     problem_type: Literal["single_label", "multi_label"] = field(
-        default="multi_label", metadata={"help": "One label per text (softmax) or any number (sigmoid + BCE)."})
+        default="multi_label", metadata={"help": "One label per text (softmax) or any number (sigmoid + BCE)."}
+    )
     max_length: int = field(default=128, metadata={"help": "Truncate texts to this many tokens."})
     freeze_embeddings: bool = field(default=False, metadata={"help": "Keep the embedding layer fixed."})
     train_last_n_layers: int | None = field(
-        default=None, metadata={"help": "Train only the last N encoder layers (+ head); None = all layers."})
+        default=None, metadata={"help": "Train only the last N encoder layers (+ head); None = all layers."}
+    )
     lora: bool = field(default=False, metadata={"help": "Train a LoRA on the encoder instead (head trained fully)."})
     lora_r: int = field(default=8, metadata={"help": "LoRA rank."})
     lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha."})
-    lora_target_modules: list[str] = field(default_factory=lambda: ["query", "value"],
-                                           metadata={"help": "Encoder linear layers that get a LoRA."})
+    lora_target_modules: list[str] = field(
+        default_factory=lambda: ["query", "value"], metadata={"help": "Encoder linear layers that get a LoRA."}
+    )
 
 
 @dataclass
@@ -54,8 +59,9 @@ class ClsData:
     eval_fraction: float = field(default=0.2, metadata={"help": "Held-out share of train when eval is absent."})
     text_field: str = field(default="text", metadata={"help": "Column with the text."})
     label_field: str = field(default="labels", metadata={"help": "Column with a label or a list of labels."})
-    labels: list[str] = field(default_factory=list,
-                              metadata={"help": "Label names in order; empty = sorted names seen in train."})
+    labels: list[str] = field(
+        default_factory=list, metadata={"help": "Label names in order; empty = sorted names seen in train."}
+    )
 
 
 @dataclass
@@ -67,11 +73,16 @@ class ClsTraining:
     weight_decay: float = field(default=0.01, metadata={"help": "AdamW weight decay."})
     warmup_ratio: float = field(default=0.1, metadata={"help": "Share of steps spent warming up (in [0, 1))."})
     seed: int = field(default=42, metadata={"help": "Seed (head init, data order)."})
-    pos_weight: bool = field(default=False, metadata={
-        "help": "Multi-label: weight each label's positives by negatives/positives in train (class imbalance)."})
+    pos_weight: bool = field(
+        default=False,
+        metadata={
+            "help": "Multi-label: weight each label's positives by negatives/positives in train (class imbalance)."
+        },
+    )
     tune_thresholds: bool = field(default=True, metadata={"help": "Multi-label: per-label thresholds from eval F1."})
     mixed_precision: Literal["auto", "no"] = field(
-        default="auto", metadata={"help": "'auto' = bf16 on GPUs that support it, else fp32."})
+        default="auto", metadata={"help": "'auto' = bf16 on GPUs that support it, else fp32."}
+    )
     logging_steps: int = field(default=10, metadata={"help": "Log every N steps."})
 
 
@@ -133,9 +144,15 @@ def encode_labels(rows: list[dict], names: list[str], recipe: ClassificationReci
         text, raw = row.get(text_field), row.get(label_field)
         values = raw if isinstance(raw, list) else ([] if raw is None else [raw])
         values = [str(v) for v in values]
-        reason = ("missing_text" if not isinstance(text, str) or not text.strip() else
-                  "unknown_label" if any(v not in index for v in values) else
-                  "no_label" if recipe.model.problem_type == "single_label" and len(values) != 1 else None)
+        reason = (
+            "missing_text"
+            if not isinstance(text, str) or not text.strip()
+            else "unknown_label"
+            if any(v not in index for v in values)
+            else "no_label"
+            if recipe.model.problem_type == "single_label" and len(values) != 1
+            else None
+        )
         if reason:
             rejects.append({"file": path, "row": i, "reason": reason, "labels": values})
             continue
@@ -180,14 +197,24 @@ def build_model(recipe: ClassificationRecipe, names: list[str]):
 
     cfg = recipe.model
     model = AutoModelForSequenceClassification.from_pretrained(
-        resolve_encoder(cfg.name_or_path), num_labels=len(names),
+        resolve_encoder(cfg.name_or_path),
+        num_labels=len(names),
         problem_type=f"{cfg.problem_type}_classification",
-        id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+        id2label=dict(enumerate(names)),
+        label2id={n: i for i, n in enumerate(names)},
+    )
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        model = get_peft_model(model, LoraConfig(task_type="SEQ_CLS", r=cfg.lora_r, lora_alpha=cfg.lora_alpha,
-                                                 target_modules=list(cfg.lora_target_modules)))
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                task_type="SEQ_CLS",
+                r=cfg.lora_r,
+                lora_alpha=cfg.lora_alpha,
+                target_modules=list(cfg.lora_target_modules),
+            ),
+        )
     else:
         apply_freezing(model, cfg)
     return model
@@ -204,7 +231,8 @@ def _trainer_class(pos_weight):
             labels = inputs.pop("labels")
             outputs = model(**inputs)
             loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                outputs.logits, labels.to(outputs.logits.dtype), pos_weight=pos_weight.to(outputs.logits.device))
+                outputs.logits, labels.to(outputs.logits.dtype), pos_weight=pos_weight.to(outputs.logits.device)
+            )
             return (loss, outputs) if return_outputs else loss
 
     return Trainer if pos_weight is None else WeightedBCETrainer
@@ -234,9 +262,18 @@ def run_classification(recipe: ClassificationRecipe) -> dict:
     set_seed(recipe.training.seed)
     multi = recipe.model.problem_type == "multi_label"
     train_rows = read_rows(recipe.data.train)
-    names = list(recipe.data.labels) or sorted({str(v) for r in train_rows for v in (
-        r.get(recipe.data.label_field) if isinstance(r.get(recipe.data.label_field), list)
-        else [r.get(recipe.data.label_field)]) if v is not None})
+    names = list(recipe.data.labels) or sorted(
+        {
+            str(v)
+            for r in train_rows
+            for v in (
+                r.get(recipe.data.label_field)
+                if isinstance(r.get(recipe.data.label_field), list)
+                else [r.get(recipe.data.label_field)]
+            )
+            if v is not None
+        }
+    )
     texts, targets = encode_labels(train_rows, names, recipe, recipe.data.train, out)
     if recipe.data.eval:
         eval_texts, eval_targets = encode_labels(read_rows(recipe.data.eval), names, recipe, recipe.data.eval, out)
@@ -270,15 +307,34 @@ def run_classification(recipe: ClassificationRecipe) -> dict:
 
     t = recipe.training
     args = TrainingArguments(
-        output_dir=str(out), learning_rate=t.learning_rate, num_train_epochs=t.num_train_epochs,
-        per_device_train_batch_size=t.per_device_train_batch_size, per_device_eval_batch_size=64,
-        gradient_accumulation_steps=t.gradient_accumulation_steps, weight_decay=t.weight_decay,
-        warmup_steps=t.warmup_ratio, seed=t.seed, bf16=bf16, eval_strategy="epoch", save_strategy="epoch",
-        save_total_limit=2, logging_steps=t.logging_steps, report_to=[], use_cpu=not torch.cuda.is_available(),
-        load_best_model_at_end=True, metric_for_best_model="f1_micro", greater_is_better=True)
+        output_dir=str(out),
+        learning_rate=t.learning_rate,
+        num_train_epochs=t.num_train_epochs,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=64,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        weight_decay=t.weight_decay,
+        warmup_steps=t.warmup_ratio,
+        seed=t.seed,
+        bf16=bf16,
+        eval_strategy="epoch",
+        save_strategy="epoch",
+        save_total_limit=2,
+        logging_steps=t.logging_steps,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        load_best_model_at_end=True,
+        metric_for_best_model="f1_micro",
+        greater_is_better=True,
+    )
     trainer = _trainer_class(pos_weight)(
-        model=model, args=args, train_dataset=dataset(texts, targets), eval_dataset=dataset(eval_texts, eval_targets),
-        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=compute_metrics)
+        model=model,
+        args=args,
+        train_dataset=dataset(texts, targets),
+        eval_dataset=dataset(eval_texts, eval_targets),
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+    )
     trainer.train()
 
     logits = trainer.predict(dataset(eval_texts, eval_targets)).predictions
@@ -299,16 +355,26 @@ def run_classification(recipe: ClassificationRecipe) -> dict:
         saved.save_pretrained(model_dir, safe_serialization=True)
         tokenizer.save_pretrained(model_dir)
         if thresholds is not None:
-            (model_dir / THRESHOLDS).write_text(json.dumps(dict(zip(names, thresholds.tolist(), strict=True)),
-                                                           indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+            (model_dir / THRESHOLDS).write_text(
+                json.dumps(dict(zip(names, thresholds.tolist(), strict=True)), indent=2, ensure_ascii=False) + "\n",
+                encoding="utf-8",
+            )
         plot_per_label_f1(names, metrics["f1_per_label"], out / "per_label_f1.png", recipe.stage)
         table = per_label_table(names, metrics, thresholds, support)
         (out / "per_label.txt").write_text(table + "\n", encoding="utf-8")
-        report = {"stage": recipe.stage, "problem_type": recipe.model.problem_type, "labels": names,
-                  "train_rows": len(texts), "eval_rows": len(eval_texts), "metrics": metrics,
-                  "metrics_at_threshold_0.5": metrics_at_half, "model_dir": str(model_dir)}
-        (out / "classification_report.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n",
-                                                        encoding="utf-8")
+        report = {
+            "stage": recipe.stage,
+            "problem_type": recipe.model.problem_type,
+            "labels": names,
+            "train_rows": len(texts),
+            "eval_rows": len(eval_texts),
+            "metrics": metrics,
+            "metrics_at_threshold_0.5": metrics_at_half,
+            "model_dir": str(model_dir),
+        }
+        (out / "classification_report.json").write_text(
+            json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         log.info("\n%s", table)
         return report
     return {}
@@ -334,18 +400,26 @@ def predict_labels(model_dir: str | Path, texts: list[str], batch_size: int = 32
         thresholds = np.array([saved[n] for n in names])
     results = []
     for start in range(0, len(texts), batch_size):
-        batch = tokenizer(texts[start: start + batch_size], truncation=True, padding=True, return_tensors="pt")
+        batch = tokenizer(texts[start : start + batch_size], truncation=True, padding=True, return_tensors="pt")
         with torch.no_grad():
             logits = model(**batch).logits.float().numpy()
         for row in logits:
             if multi:
                 probs = sigmoid(row)
-                results.append({"labels": [n for n, p, t in zip(names, probs, thresholds, strict=True) if p >= t],
-                                "scores": {n: round(float(p), 4) for n, p in zip(names, probs, strict=True)}})
+                results.append(
+                    {
+                        "labels": [n for n, p, t in zip(names, probs, thresholds, strict=True) if p >= t],
+                        "scores": {n: round(float(p), 4) for n, p in zip(names, probs, strict=True)},
+                    }
+                )
             else:
                 probs = np.exp(row - row.max()) / np.exp(row - row.max()).sum()
-                results.append({"labels": [names[int(row.argmax())]],
-                                "scores": {n: round(float(p), 4) for n, p in zip(names, probs, strict=True)}})
+                results.append(
+                    {
+                        "labels": [names[int(row.argmax())]],
+                        "scores": {n: round(float(p), 4) for n, p in zip(names, probs, strict=True)},
+                    }
+                )
     return results
 
 
@@ -362,22 +436,33 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None) -> dict:
     out = Path(out) if out else model_dir / "model.onnx"
     model = AutoModelForSequenceClassification.from_pretrained(model_dir).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    sample = tokenizer(["chest pain and cough", "a much longer text about glucose, insulin and abdominal pain"],
-                       padding=True, return_tensors="pt")
+    sample = tokenizer(
+        ["chest pain and cough", "a much longer text about glucose, insulin and abdominal pain"],
+        padding=True,
+        return_tensors="pt",
+    )
     names = ["input_ids", "attention_mask"] + (["token_type_ids"] if "token_type_ids" in sample else [])
     inputs = tuple(sample[n] for n in names)
     axes = {n: {0: "batch", 1: "sequence"} for n in names} | {"logits": {0: "batch"}}
-    torch.onnx.export(model, inputs, str(out), input_names=names, output_names=["logits"], dynamic_axes=axes,
-                      dynamo=False)
+    torch.onnx.export(
+        model, inputs, str(out), input_names=names, output_names=["logits"], dynamic_axes=axes, dynamo=False
+    )
     session = onnxruntime.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    check = tokenizer(["코드 한 줄", "fever, productive cough and a right lower lobe consolidation", "x"],
-                      padding=True, return_tensors="pt")  # other lengths and batch size than the export sample
+    check = tokenizer(
+        ["코드 한 줄", "fever, productive cough and a right lower lobe consolidation", "x"],
+        padding=True,
+        return_tensors="pt",
+    )  # other lengths and batch size than the export sample
     with torch.no_grad():
         reference = model(**check).logits.numpy()
     got = session.run(["logits"], {n: check[n].numpy() for n in names})[0]
     diff = float(np.abs(got - reference).max())
-    report = {"onnx": str(out), "bytes": out.stat().st_size, "max_abs_diff_vs_torch": diff,
-              "argmax_equal": bool((got.argmax(-1) == reference.argmax(-1)).all())}
+    report = {
+        "onnx": str(out),
+        "bytes": out.stat().st_size,
+        "max_abs_diff_vs_torch": diff,
+        "argmax_equal": bool((got.argmax(-1) == reference.argmax(-1)).all()),
+    }
     if diff > 1e-3:
         raise UserError(f"ONNX logits differ from PyTorch by {diff:.2e} (> 1e-3); {out} is not trustworthy")
     (out.with_suffix(".onnx.json")).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

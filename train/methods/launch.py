@@ -53,16 +53,20 @@ def check_launch(recipe: Recipe, launch: Launch, launched_precision: str | None 
             f"config, or set model.dtype accordingly"
         )
     if recipe.backend == "unsloth" and launch.world_size > 1:
-        raise UserError(f"backend 'unsloth' runs on one GPU only, but {launch.world_size} processes were launched; "
-                        "launch one process, or use backend: transformers with DDP/FSDP/ZeRO")
+        raise UserError(
+            f"backend 'unsloth' runs on one GPU only, but {launch.world_size} processes were launched; "
+            "launch one process, or use backend: transformers with DDP/FSDP/ZeRO"
+        )
     if recipe.backend == "unsloth":  # fail before data prep when Unsloth cannot run here
         from train.models import unsloth as unsloth_backend
 
         unsloth_backend.check_unsloth_recipe(recipe)
         unsloth_backend.UnslothApi()
     if launch.strategy in ("fsdp", "zero3") and model.quantization == "int8":
-        raise UserError(f"model.quantization=int8 cannot be sharded by {launch.strategy}; use nf4 "
-                        f"(with model.quant_storage: {model.dtype}) or the ddp/zero2 strategy")
+        raise UserError(
+            f"model.quantization=int8 cannot be sharded by {launch.strategy}; use nf4 "
+            f"(with model.quant_storage: {model.dtype}) or the ddp/zero2 strategy"
+        )
     if launch.strategy in ("fsdp", "zero3") and model.quantization == "nf4" and model.quant_storage != model.dtype:
         raise UserError(
             f"{launch.strategy} shards 4-bit weights only when they are stored in the compute dtype, but "
@@ -92,12 +96,16 @@ def check_report_to(report_to: list[str]) -> None:
     known = {"none", "all", *hf_integrations.INTEGRATION_TO_CALLBACK}
     for name in report_to:
         if name not in known:
-            raise UserError(f"training.report_to: unknown backend '{name}'; use none or any of "
-                            f"{', '.join(sorted(REPORT_EXTRAS))} (or another transformers integration)")
+            raise UserError(
+                f"training.report_to: unknown backend '{name}'; use none or any of "
+                f"{', '.join(sorted(REPORT_EXTRAS))} (or another transformers integration)"
+            )
         check = getattr(hf_integrations, f"is_{name}_available", None)
         if name in REPORT_EXTRAS and check is not None and not check():
-            raise UserError(f"training.report_to lists {name}, which is not installed: "
-                            f"pip install -e '.[{REPORT_EXTRAS[name]}]' (or remove it from report_to)")
+            raise UserError(
+                f"training.report_to lists {name}, which is not installed: "
+                f"pip install -e '.[{REPORT_EXTRAS[name]}]' (or remove it from report_to)"
+            )
 
 
 def gradient_accumulation(recipe: Recipe, launch: Launch) -> int:
@@ -117,8 +125,15 @@ def linear_shapes(config) -> dict[str, tuple[int, int]]:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
     hd = getattr(config, "head_dim", None) or h // heads
-    return {"q_proj": (h, heads * hd), "k_proj": (h, kv * hd), "v_proj": (h, kv * hd), "o_proj": (heads * hd, h),
-            "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    return {
+        "q_proj": (h, heads * hd),
+        "k_proj": (h, kv * hd),
+        "v_proj": (h, kv * hd),
+        "o_proj": (heads * hd, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
 
 
 def parameter_count(config) -> tuple[int, int]:
@@ -135,20 +150,25 @@ def pick_strategy(params: tuple[int, int], quantization: str, gpus: int, gpu_mem
     # bitsandbytes quantizes the decoder's linear layers; embeddings and head stay 16-bit.
     weights_gb = (decoder * BYTES_PER_PARAM[quantization] + embed * 2) / 1e9
     need_gb = weights_gb * HEADROOM
-    summary = (f"{(decoder + embed) / 1e9:.1f}B parameters in {quantization} are ~{weights_gb:.1f} GB of weights, "
-               f"~{need_gb:.1f} GB with activations and optimizer headroom; each GPU has {gpu_memory_gb:.0f} GB")
+    summary = (
+        f"{(decoder + embed) / 1e9:.1f}B parameters in {quantization} are ~{weights_gb:.1f} GB of weights, "
+        f"~{need_gb:.1f} GB with activations and optimizer headroom; each GPU has {gpu_memory_gb:.0f} GB"
+    )
     if need_gb <= gpu_memory_gb:
         if gpus == 1:
             return "single", f"{summary}: it fits on the one GPU"
         return "ddp", f"{summary}: a full copy fits on every GPU, so plain data parallel (DDP) is fastest"
     if need_gb <= gpu_memory_gb * gpus:
         if quantization == "nf4":
-            return "fsdp", (f"{summary}: a copy does not fit on one GPU, but sharded over {gpus} it does: FSDP2 "
-                            "QLoRA (set model.quant_storage to model.dtype)")
+            return "fsdp", (
+                f"{summary}: a copy does not fit on one GPU, but sharded over {gpus} it does: FSDP2 "
+                "QLoRA (set model.quant_storage to model.dtype)"
+            )
         return "zero3", f"{summary}: a copy does not fit on one GPU; ZeRO-3 shards it over {gpus}"
     fix = "add GPUs, or BACKEND=unsloth on one GPU" if quantization == "nf4" else "quantize (model.quantization: nf4)"
-    return "zero3_offload", (f"{summary}: even sharded over {gpus} GPU(s) it does not fit; ZeRO-3 with CPU offload "
-                             f"(slow), or {fix}")
+    return "zero3_offload", (
+        f"{summary}: even sharded over {gpus} GPU(s) it does not fit; ZeRO-3 with CPU offload (slow), or {fix}"
+    )
 
 
 def gpu_memory_gb() -> float | None:

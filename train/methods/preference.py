@@ -43,12 +43,36 @@ from train.models.loading import (
 
 REWARD_MODEL_DIR = "reward_model"
 # The SFT arguments (batch, schedule, precision, logging, saving) carry over; each method adds its own.
-SHARED_ARGS = {"per_device_train_batch_size", "gradient_accumulation_steps", "learning_rate", "lr_scheduler_type",
-               "warmup_steps", "weight_decay", "max_grad_norm", "num_train_epochs", "max_steps", "seed",
-               "logging_steps", "save_steps", "save_total_limit", "report_to", "bf16", "fp16", "use_cpu",
-               "gradient_checkpointing", "eval_strategy", "eval_steps", "dataloader_num_workers"}
-LOGGED = ("rewards/margins", "rewards/accuracies", "reward", "rewards/format_reward/mean",
-          "rewards/exact_answer_reward/mean")
+SHARED_ARGS = {
+    "per_device_train_batch_size",
+    "gradient_accumulation_steps",
+    "learning_rate",
+    "lr_scheduler_type",
+    "warmup_steps",
+    "weight_decay",
+    "max_grad_norm",
+    "num_train_epochs",
+    "max_steps",
+    "seed",
+    "logging_steps",
+    "save_steps",
+    "save_total_limit",
+    "report_to",
+    "bf16",
+    "fp16",
+    "use_cpu",
+    "gradient_checkpointing",
+    "eval_strategy",
+    "eval_steps",
+    "dataloader_num_workers",
+}
+LOGGED = (
+    "rewards/margins",
+    "rewards/accuracies",
+    "reward",
+    "rewards/format_reward/mean",
+    "rewards/exact_answer_reward/mean",
+)
 
 
 def _reward_funcs(recipe: Recipe) -> list:
@@ -61,8 +85,10 @@ def _reward_funcs(recipe: Recipe) -> list:
         else:
             path = Path(recipe.preference.reward_model) / REWARD_MODEL_DIR
             if not (path / "config.json").is_file():
-                raise UserError(f"preference.reward_model: {path} is missing; train the reward stage first "
-                                "(python -m train reward ...)")
+                raise UserError(
+                    f"preference.reward_model: {path} is missing; train the reward stage first "
+                    "(python -m train reward ...)"
+                )
             funcs.append(str(path))  # TRL loads it as a sequence classifier with one output
     return funcs
 
@@ -74,8 +100,11 @@ def _reward_model(recipe: Recipe, tokenizer):
     adapters = adapter_chain(recipe.parent)
     source = parent_merged_dir(recipe, adapters) if adapters else resolve_model_path(recipe.model.name_or_path)
     model = AutoModelForSequenceClassification.from_pretrained(
-        source, num_labels=1, dtype=torch_dtype(recipe.model.dtype), quantization_config=quantization_config(
-            recipe.model))
+        source,
+        num_labels=1,
+        dtype=torch_dtype(recipe.model.dtype),
+        quantization_config=quantization_config(recipe.model),
+    )
     model.config.pad_token_id = tokenizer.pad_token_id
     pin_4bit_cpu_path(model)
     return model
@@ -106,14 +135,22 @@ class Preference(Method):
         keep.update(output_dir=str(out), remove_unused_columns=False)
         pref = recipe.preference
         lora = peft_lora_config(recipe.lora)
-        common = {"train_dataset": data.train, "processing_class": tokenizer, "peft_config": lora,
-                  "callbacks": callbacks}
+        common = {
+            "train_dataset": data.train,
+            "processing_class": tokenizer,
+            "peft_config": lora,
+            "callbacks": callbacks,
+        }
         if recipe.method == "reward":
             lora.task_type = "SEQ_CLS"
             model = _reward_model(recipe, tokenizer)
             set_seed(recipe.training.seed)
-            return StageRewardTrainer(model=model, args=RewardConfig(**keep, max_length=recipe.data.max_length),
-                                      eval_dataset=data.eval, **common)
+            return StageRewardTrainer(
+                model=model,
+                args=RewardConfig(**keep, max_length=recipe.data.max_length),
+                eval_dataset=data.eval,
+                **common,
+            )
         model = load_model_for_training(recipe)
         set_seed(recipe.training.seed)
         if recipe.method == "dpo":
@@ -125,9 +162,14 @@ class Preference(Method):
             return StageDPOTrainer(model=model, ref_model=None, args=args, eval_dataset=data.eval, **common)
         keep.pop("eval_strategy", None)
         keep.pop("eval_steps", None)
-        args = GRPOConfig(**keep, beta=pref.beta, num_generations=pref.num_generations,
-                          max_completion_length=pref.max_completion_length, temperature=pref.temperature,
-                          use_vllm=pref.use_vllm)  # TRL sizes generation batches from batch x processes
+        args = GRPOConfig(
+            **keep,
+            beta=pref.beta,
+            num_generations=pref.num_generations,
+            max_completion_length=pref.max_completion_length,
+            temperature=pref.temperature,
+            use_vllm=pref.use_vllm,
+        )  # TRL sizes generation batches from batch x processes
         return StageGRPOTrainer(model=model, reward_funcs=_reward_funcs(recipe), args=args, **common)
 
     def metrics(self, trainer, history: list[dict]) -> dict:
@@ -148,5 +190,7 @@ class Preference(Method):
 def run_preference(recipe: Recipe) -> dict:
     """Train one reward / dpo / grpo stage; return its stage record."""
     if recipe.method == "sft":
-        raise UserError(f"{recipe.source_path}: method is sft; run python -m train sft (or set method: dpo|reward|grpo)")
+        raise UserError(
+            f"{recipe.source_path}: method is sft; run python -m train sft (or set method: dpo|reward|grpo)"
+        )
     return run_stage(recipe, Preference(recipe.method))

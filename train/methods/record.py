@@ -27,10 +27,16 @@ def _tiny_build() -> str:
 
 def git_commit() -> str:
     try:
-        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
-                             check=True, timeout=10).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        sha = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True, check=True, timeout=10
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return sha + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         return "unknown"
@@ -90,15 +96,20 @@ def write_stage_outputs(recipe: Recipe, out: Path, manifest: dict, metrics: dict
         "adapter": "adapter",
         "recipe_path": recipe.source_path,
         "recipe": recipe_to_dict(recipe),
-        "data": {"fingerprint": manifest["fingerprint"], "processed_dir": recipe.data.processed_dir,
-                 "train_rows": manifest["train_rows"], "eval_rows": manifest["eval_rows"]},
+        "data": {
+            "fingerprint": manifest["fingerprint"],
+            "processed_dir": recipe.data.processed_dir,
+            "train_rows": manifest["train_rows"],
+            "eval_rows": manifest["eval_rows"],
+        },
         "git_commit": git_commit(),
         "metrics": metrics,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if is_main_process():
         (out / "stage.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-        (out / "recipe.yaml").write_text(yaml.safe_dump(recipe_to_dict(recipe), allow_unicode=True, sort_keys=False),
-                                         encoding="utf-8")
+        (out / "recipe.yaml").write_text(
+            yaml.safe_dump(recipe_to_dict(recipe), allow_unicode=True, sort_keys=False), encoding="utf-8"
+        )
         plot_loss_curve(log_history, out / "loss_curve.png", f"{recipe.stage}")
     return record

@@ -35,8 +35,11 @@ CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
 def write_manifest(folder: Path, step: int) -> None:
-    files = {str(p.relative_to(folder)): p.stat().st_size for p in sorted(folder.rglob("*"))
-             if p.is_file() and p.name != MANIFEST}
+    files = {
+        str(p.relative_to(folder)): p.stat().st_size
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MANIFEST
+    }
     path = folder / MANIFEST
     with open(path, "w") as f:
         json.dump({"step": step, "files": files}, f, indent=1)
@@ -63,8 +66,14 @@ def checkpoint_problem(folder: Path) -> str | None:
 
 
 def newest_complete_checkpoint(output_dir: Path) -> Path | None:
-    found = sorted(((int(m.group(1)), p) for p in output_dir.glob("checkpoint-*")
-                    if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))), reverse=True)
+    found = sorted(
+        (
+            (int(m.group(1)), p)
+            for p in output_dir.glob("checkpoint-*")
+            if p.is_dir() and (m := CHECKPOINT_RE.match(p.name))
+        ),
+        reverse=True,
+    )
     for _, folder in found:
         problem = checkpoint_problem(folder)
         if problem is None:
@@ -97,8 +106,9 @@ class PreemptionCallback(TrainerCallback):
 
     def _handle(self, signum, frame):
         if not self.requested:
-            log.warning("received %s: saving a checkpoint at the next step boundary, then stopping",
-                        signal.Signals(signum).name)
+            log.warning(
+                "received %s: saving a checkpoint at the next step boundary, then stopping", signal.Signals(signum).name
+            )
         self.requested = True
 
     def restore(self) -> None:
@@ -201,5 +211,7 @@ def check_free_disk(output_dir: Path, lora_params: int) -> None:
     need = int(lora_params * 4 * 4 * 2) + 64 * 2**20
     free = shutil.disk_usage(output_dir).free
     if free < need:
-        raise UserError(f"{output_dir} has {free / 2**30:.2f} GiB free, a checkpoint of this adapter needs about "
-                        f"{need / 2**30:.2f} GiB; free some space or point output_dir elsewhere")
+        raise UserError(
+            f"{output_dir} has {free / 2**30:.2f} GiB free, a checkpoint of this adapter needs about "
+            f"{need / 2**30:.2f} GiB; free some space or point output_dir elsewhere"
+        )

@@ -15,8 +15,10 @@ def format_reward(prompts, completions, **kwargs) -> list[float]:
 
     The completion may open with <think> or not: the R1 chat template already opens it in the prompt.
     """
-    return [1.0 if (m := _FORMAT.match(c)) and m.group(1).strip() and THINK_OPEN not in m.group(2) else 0.0
-            for c in completions]
+    return [
+        1.0 if (m := _FORMAT.match(c)) and m.group(1).strip() and THINK_OPEN not in m.group(2) else 0.0
+        for c in completions
+    ]
 
 
 def exact_answer_reward(prompts, completions, ground_truth, **kwargs) -> list[float]:

@@ -159,8 +159,14 @@ def _stopped(recipe: Recipe, method: Method, out: Path, trainer, guard, preempti
     log.warning(message)
     if trainer.is_world_process_zero():
         sys.stderr.write(message + "\n")
-    return {"stage": recipe.stage, "method": method.name, "status": "interrupted", "step": interrupted,
-            "output_dir": str(out), "resume": resume_cmd}
+    return {
+        "stage": recipe.stage,
+        "method": method.name,
+        "status": "interrupted",
+        "step": interrupted,
+        "output_dir": str(out),
+        "resume": resume_cmd,
+    }
 
 
 def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = None) -> None:
@@ -179,8 +185,10 @@ def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = N
     if recipe.method == "sft" and launch.world_size > 1:
         state = processed_state(recipe, load_tokenizer(recipe.model))
         if state != "fresh":
-            raise UserError(f"processed data in {recipe.data.processed_dir} is {state}; run "
-                            f"`python -m data_prep {recipe.source_path}` before launching")
+            raise UserError(
+                f"processed data in {recipe.data.processed_dir} is {state}; run "
+                f"`python -m data_prep {recipe.source_path}` before launching"
+            )
 
 
 def run_stage(recipe: Recipe, method: Method) -> dict:
@@ -189,8 +197,10 @@ def run_stage(recipe: Recipe, method: Method) -> dict:
 
     started = time.perf_counter()
     if recipe.method != method.name:
-        raise UserError(f"{recipe.source_path} has method: {recipe.method}; run python -m train {recipe.method} "
-                        f"(or pass method={method.name})")
+        raise UserError(
+            f"{recipe.source_path} has method: {recipe.method}; run python -m train {recipe.method} "
+            f"(or pass method={method.name})"
+        )
     out = Path(recipe.output_dir)
     check_output_dir(out)
     launch = detect_launch()
@@ -206,15 +216,23 @@ def run_stage(recipe: Recipe, method: Method) -> dict:
     if is_main_process():
         trim_metrics_log(out / "metrics.jsonl", resume)
     preemption, stop = PreemptionCallback(), StopAtStep(recipe.training.stop_at_step)
-    trainer = method.trainer(recipe, tokenizer, data, out, [MetricsLogCallback(out / "metrics.jsonl"), preemption,
-                                                            stop])
+    trainer = method.trainer(
+        recipe, tokenizer, data, out, [MetricsLogCallback(out / "metrics.jsonl"), preemption, stop]
+    )
     guard = NonFiniteGuard(trainer, recipe.training.nonfinite, recipe.training.max_consecutive_nonfinite)
     trainer.add_callback(guard)
     sharding = sharding_in_effect(trainer)
     check_sharding(launch, sharding)
-    log.info("%s stage %s: %d train rows, %d eval rows, parent=%s, %d process(es), sharding=%s", method.name,
-             recipe.stage, len(data.train), len(data.eval) if data.eval is not None else 0, recipe.parent,
-             launch.world_size, sharding)
+    log.info(
+        "%s stage %s: %d train rows, %d eval rows, parent=%s, %d process(es), sharding=%s",
+        method.name,
+        recipe.stage,
+        len(data.train),
+        len(data.eval) if data.eval is not None else 0,
+        recipe.parent,
+        launch.world_size,
+        sharding,
+    )
     try:
         result = trainer.train(resume_from_checkpoint=resume)
     finally:
@@ -246,7 +264,13 @@ def run_stage(recipe: Recipe, method: Method) -> dict:
         **method.metrics(trainer, history),
     }
     record = write_stage_outputs(recipe, out, data.manifest, metrics, history)
-    log.info("%s stage %s done: loss %.3f -> %.3f, %.1fs -> %s", method.name, recipe.stage,
-             metrics["train_loss_first"] or float("nan"), metrics["train_loss_last"] or float("nan"),
-             metrics["seconds"], out)
+    log.info(
+        "%s stage %s done: loss %.3f -> %.3f, %.1fs -> %s",
+        method.name,
+        recipe.stage,
+        metrics["train_loss_first"] or float("nan"),
+        metrics["train_loss_last"] or float("nan"),
+        metrics["seconds"],
+        out,
+    )
     return record

@@ -59,13 +59,23 @@ class SFT(Method):
         # Seed again right before the LoRA is created: its init must not depend on how much randomness
         # earlier steps used (building the tiny model, distributed set-up), or runs stop being comparable.
         set_seed(recipe.training.seed)
-        return StageSFTTrainer(model=model, args=args, train_dataset=data.train, eval_dataset=data.eval,
-                               processing_class=tokenizer, peft_config=peft_config, callbacks=callbacks)
+        return StageSFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=data.train,
+            eval_dataset=data.eval,
+            processing_class=tokenizer,
+            peft_config=peft_config,
+            callbacks=callbacks,
+        )
 
     def metrics(self, trainer, history: list[dict]) -> dict:
         real, slots = trainer.token_totals()
-        return {"train_tokens": real, "token_slots": slots,
-                "padding_efficiency": round(real / slots, 4) if slots else None}
+        return {
+            "train_tokens": real,
+            "token_slots": slots,
+            "padding_efficiency": round(real / slots, 4) if slots else None,
+        }
 
 
 def run_sft(recipe: Recipe) -> dict:

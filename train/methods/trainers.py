@@ -60,8 +60,11 @@ class StageTrainerMixin:
                 self.state.save_to_json(str(staging / "trainer_state.json"))
             commit_checkpoint(staging, final, step)
             # The Trainer rotated before the rename, not counting this one: rotate again.
-            rotate_checkpoints(output_dir=str(run_dir), save_total_limit=self.args.save_total_limit,
-                               best_model_checkpoint=self.state.best_model_checkpoint)
+            rotate_checkpoints(
+                output_dir=str(run_dir),
+                save_total_limit=self.args.save_total_limit,
+                best_model_checkpoint=self.state.best_model_checkpoint,
+            )
         self.accelerator.wait_for_everyone()
 
     def count_tokens(self, inputs) -> None:
@@ -90,7 +93,8 @@ class StageTrainerMixin:
                 adapter_state[name] = full.detach().cpu()
         if self.accelerator.is_main_process:
             self.accelerator.unwrap_model(self.model).save_pretrained(
-                output_dir, state_dict=adapter_state, safe_serialization=True)
+                output_dir, state_dict=adapter_state, safe_serialization=True
+            )
         self.accelerator.wait_for_everyone()
 
 
@@ -132,8 +136,10 @@ def _check_sft_args(extra: dict, origin: str) -> None:
     valid = {f.name for f in dataclasses.fields(SFTConfig)}
     for key in extra:
         if key in SECRET_ARGS:
-            raise UserError(f"{origin}: training.sft_args.{key}: tokens are read from the environment (HF_TOKEN), "
-                            "never from a recipe")
+            raise UserError(
+                f"{origin}: training.sft_args.{key}: tokens are read from the environment (HF_TOKEN), "
+                "never from a recipe"
+            )
         if key not in valid:
             close = difflib.get_close_matches(key, sorted(valid), n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else ""
@@ -148,8 +154,12 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
     eval_kwargs = {}
     if has_eval and t.eval_steps:
         # Tracking the best eval loss lets checkpoint rotation keep the best beside the last K.
-        eval_kwargs = {"eval_strategy": "steps", "eval_steps": t.eval_steps, "metric_for_best_model": "eval_loss",
-                       "greater_is_better": False}
+        eval_kwargs = {
+            "eval_strategy": "steps",
+            "eval_steps": t.eval_steps,
+            "metric_for_best_model": "eval_loss",
+            "greater_is_better": False,
+        }
     return SFTConfig(
         output_dir=output_dir,
         per_device_train_batch_size=t.per_device_train_batch_size,

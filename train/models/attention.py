@@ -32,15 +32,23 @@ def _cuts(boundaries: torch.Tensor) -> list[int]:
 def packed_sdpa_forward(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
     boundaries = kwargs.get("cu_seq_lens_q")
     if boundaries is None or query.shape[0] != 1 or query.shape[2] != key.shape[2]:
-        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                                      **kwargs)
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
     cuts = _cuts(boundaries)
     gqa = query.shape[1] != key.shape[1]
     pieces = [
         torch.nn.functional.scaled_dot_product_attention(
-            query[:, :, a:b], key[:, :, a:b], value[:, :, a:b], is_causal=True, scale=scaling,
-            dropout_p=dropout if module.training else 0.0, enable_gqa=gqa)
-        for a, b in zip(cuts[:-1], cuts[1:], strict=True) if b > a
+            query[:, :, a:b],
+            key[:, :, a:b],
+            value[:, :, a:b],
+            is_causal=True,
+            scale=scaling,
+            dropout_p=dropout if module.training else 0.0,
+            enable_gqa=gqa,
+        )
+        for a, b in zip(cuts[:-1], cuts[1:], strict=True)
+        if b > a
     ]
     return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
 

@@ -26,7 +26,8 @@ def read_stage(stage_dir: str | Path) -> dict:
             raise UserError(
                 f"stage '{stage_dir}' was trained on the embedded model {info['base_model_build']}, but this checkout "
                 f"builds {tiny_build_name()} (the bundled samples, its tokenizer corpus, changed); its adapter does "
-                "not fit the new base: train that stage again (make demo)")
+                "not fit the new base: train that stage again (make demo)"
+            )
     return info
 
 

@@ -21,6 +21,7 @@ from train.models.lineage import adapter_chain, check_parent_base
 
 log = get_logger("model")
 
+
 def resolve_model_path(name_or_path: str) -> str:
     if name_or_path == TINY_MODEL:
         from train.models.tiny import ensure_tiny_model
@@ -43,8 +44,11 @@ def load_model_config(model_cfg: ModelConfig):
     from transformers import AutoConfig
 
     try:
-        return AutoConfig.from_pretrained(resolve_model_path(model_cfg.name_or_path), revision=model_cfg.revision,
-                                          trust_remote_code=model_cfg.trust_remote_code)
+        return AutoConfig.from_pretrained(
+            resolve_model_path(model_cfg.name_or_path),
+            revision=model_cfg.revision,
+            trust_remote_code=model_cfg.trust_remote_code,
+        )
     except (OSError, ValueError) as err:
         raise UserError(f"cannot read the config of '{model_cfg.name_or_path}': {_first_line(err)}") from None
 
@@ -85,13 +89,18 @@ def check_kernels(model_cfg: ModelConfig) -> None:
                 "model.attn_implementation=flash_attention_2 but flash-attn is not installed: "
                 "pip install '.[gpu]' (or use sdpa)"
             )
-    if model_cfg.attn_implementation == "flash_attention_3" and importlib.util.find_spec("flash_attn_interface") is None:
+    if (
+        model_cfg.attn_implementation == "flash_attention_3"
+        and importlib.util.find_spec("flash_attn_interface") is None
+    ):
         raise UserError("model.attn_implementation=flash_attention_3 needs the flash-attn 3 (hopper) build; use sdpa")
     if model_cfg.use_liger:
         if not torch.cuda.is_available():
             raise UserError("model.use_liger=true needs a GPU (Liger's Triton kernels); set model.use_liger: false")
         if importlib.util.find_spec("liger_kernel") is None:
-            raise UserError("model.use_liger=true but liger-kernel is not installed: pip install '.[liger]' (make install-gpu)")
+            raise UserError(
+                "model.use_liger=true but liger-kernel is not installed: pip install '.[liger]' (make install-gpu)"
+            )
     if model_cfg.quantization != "none" and importlib.util.find_spec("bitsandbytes") is None:
         raise UserError(f"model.quantization={model_cfg.quantization} needs bitsandbytes: pip install bitsandbytes")
 
@@ -105,8 +114,7 @@ def quantization_config(model_cfg: ModelConfig):
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=model_cfg.double_quant,
             bnb_4bit_compute_dtype=torch_dtype(model_cfg.dtype),
-            bnb_4bit_quant_storage=torch_dtype(model_cfg.quant_storage) if model_cfg.quant_storage != "uint8"
-            else None,
+            bnb_4bit_quant_storage=torch_dtype(model_cfg.quant_storage) if model_cfg.quant_storage != "uint8" else None,
         )
     if model_cfg.quantization == "int8":
         return BitsAndBytesConfig(load_in_8bit=True)

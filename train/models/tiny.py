@@ -52,8 +52,11 @@ CHAT_TEMPLATE = (
     "{{ bos_token }}{{ system }}"
     "{% for message in loop_messages %}"
     "{% if message['role'] == 'user' %}" + USER + "{{ message['content'] }}"
-    "{% elif message['role'] == 'assistant' %}" + ASSISTANT + "{% generation %}{{ message['content'] }}"
-    + EOS + "{% endgeneration %}{% endif %}{% endfor %}"
+    "{% elif message['role'] == 'assistant' %}"
+    + ASSISTANT
+    + "{% generation %}{{ message['content'] }}"
+    + EOS
+    + "{% endgeneration %}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}" + ASSISTANT + THINK_OPEN + "\n{% endif %}"
 )
 

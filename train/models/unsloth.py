@@ -39,24 +39,43 @@ class UnslothApi:
         self.fast = FastLanguageModel
 
     def from_pretrained(self, model_name: str, max_seq_length: int, load_in_4bit: bool, dtype):
-        model, _tokenizer = self.fast.from_pretrained(model_name=model_name, max_seq_length=max_seq_length,
-                                                      load_in_4bit=load_in_4bit, dtype=dtype)
+        model, _tokenizer = self.fast.from_pretrained(
+            model_name=model_name, max_seq_length=max_seq_length, load_in_4bit=load_in_4bit, dtype=dtype
+        )
         return model
 
-    def get_peft_model(self, model, r: int, alpha: int, dropout: float, target_modules: list[str], seed: int,
-                       use_rslora: bool, gradient_checkpointing: bool):
-        return self.fast.get_peft_model(model, r=r, lora_alpha=alpha, lora_dropout=dropout,
-                                        target_modules=target_modules, bias="none", random_state=seed,
-                                        use_rslora=use_rslora,
-                                        use_gradient_checkpointing="unsloth" if gradient_checkpointing else False)
+    def get_peft_model(
+        self,
+        model,
+        r: int,
+        alpha: int,
+        dropout: float,
+        target_modules: list[str],
+        seed: int,
+        use_rslora: bool,
+        gradient_checkpointing: bool,
+    ):
+        return self.fast.get_peft_model(
+            model,
+            r=r,
+            lora_alpha=alpha,
+            lora_dropout=dropout,
+            target_modules=target_modules,
+            bias="none",
+            random_state=seed,
+            use_rslora=use_rslora,
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+        )
 
 
 def check_unsloth_recipe(recipe: Recipe) -> None:
     """Refusals that do not need a GPU: one process, a 4-bit or 16-bit base, no other kernels."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
-        raise UserError(f"backend 'unsloth' runs in one process on one GPU, but WORLD_SIZE={world}; launch "
-                        "`python -m train sft ...` (or make ... GPUS=1 BACKEND=unsloth), or use backend: transformers")
+        raise UserError(
+            f"backend 'unsloth' runs in one process on one GPU, but WORLD_SIZE={world}; launch "
+            "`python -m train sft ...` (or make ... GPUS=1 BACKEND=unsloth), or use backend: transformers"
+        )
     if recipe.model.quantization == "int8":
         raise UserError("backend 'unsloth' loads 4-bit or 16-bit bases; set model.quantization: nf4 or none")
 
@@ -73,11 +92,27 @@ def load_unsloth_model(recipe: Recipe, source: str | None = None, api=None):
     api = api or UnslothApi()
     model_cfg = recipe.model
     name = resolve_model_path(source or model_cfg.unsloth_name_or_path or model_cfg.name_or_path)
-    log.info("unsloth: loading %s (%s), LoRA r=%d on %s", name, model_cfg.quantization, recipe.lora.r,
-             ",".join(recipe.lora.target_modules))
-    model = api.from_pretrained(name, max_seq_length=recipe.data.max_length,
-                                load_in_4bit=model_cfg.quantization == "nf4", dtype=torch_dtype(model_cfg.dtype))
+    log.info(
+        "unsloth: loading %s (%s), LoRA r=%d on %s",
+        name,
+        model_cfg.quantization,
+        recipe.lora.r,
+        ",".join(recipe.lora.target_modules),
+    )
+    model = api.from_pretrained(
+        name,
+        max_seq_length=recipe.data.max_length,
+        load_in_4bit=model_cfg.quantization == "nf4",
+        dtype=torch_dtype(model_cfg.dtype),
+    )
     lora = recipe.lora
-    return api.get_peft_model(model, r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                              target_modules=list(lora.target_modules), seed=recipe.training.seed,
-                              use_rslora=lora.use_rslora, gradient_checkpointing=model_cfg.gradient_checkpointing)
+    return api.get_peft_model(
+        model,
+        r=lora.r,
+        alpha=lora.alpha,
+        dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        seed=recipe.training.seed,
+        use_rslora=lora.use_rslora,
+        gradient_checkpointing=model_cfg.gradient_checkpointing,
+    )
