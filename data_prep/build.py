@@ -57,16 +57,17 @@ def fingerprint(recipe: Recipe, tokenizer) -> str:
             source = next(s for s in recipe.data.sources if s.path == path)
             h.update(f"hub:{source.path}:{source.config_name}:{source.split}".encode())
             continue
-        for path in local_files(local):
-            h.update(path.name.encode())
-            h.update(hashlib.sha256(path.read_bytes()).digest())
+        for file in local_files(local):
+            h.update(file.name.encode())
+            h.update(hashlib.sha256(file.read_bytes()).digest())
     h.update(tokenizer_digest(tokenizer).encode())
     return h.hexdigest()[:16]
 
 
 def _apply_length_policy(rendered: list[Rendered], records: list[Record], recipe: Recipe, rejects: list[Reject]):
     max_len, policy = recipe.data.max_length, recipe.data.length_policy
-    kept, counts = [], Counter()
+    kept: list = []
+    counts: Counter = Counter()
     for r, rec in zip(rendered, records, strict=True):
         total = len(r.prompt_ids) + len(r.completion_ids)
         if total <= max_len:
@@ -221,7 +222,10 @@ def build(recipe: Recipe, tokenizer) -> dict:
         for row in iter_source(source, REPO_ROOT, rejects):
             raw_counts[source.name] += 1
             result = canonicalize(row, source, data.seed)
-            (rejects if isinstance(result, Reject) else records).append(result)
+            if isinstance(result, Reject):
+                rejects.append(result)
+            else:
+                records.append(result)
     # Rows rejected while reading (malformed lines) were never yielded: count them as raw rows too.
     for rej in rejects:
         if rej.row is None:

@@ -178,7 +178,8 @@ def build_codeio(spec: CodeIOSpec) -> dict:
         raise UserError(f"{folder}: no *.py functions")
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
-    rejects, items = [], []
+    rejects: list[dict] = []
+    items: list[dict] = []
     rng = random.Random(spec.seed)
     for path in files:
         code = path.read_text(encoding="utf-8")

@@ -115,8 +115,8 @@ def _ngram_hashes(ids: Sequence[int], n: int) -> np.ndarray:
 
 def contaminated_rows(train_ids: Sequence[Sequence[int]], eval_ids: Sequence[Sequence[int]], n: int) -> list[int]:
     """Indices of training rows that share at least one token n-gram with any eval text."""
-    eval_hashes = [_ngram_hashes(ids, n) for ids in eval_ids]
-    eval_hashes = np.unique(np.concatenate(eval_hashes)) if eval_hashes else np.empty(0, dtype=np.uint64)
+    per_text = [_ngram_hashes(ids, n) for ids in eval_ids]
+    eval_hashes = np.unique(np.concatenate(per_text)) if per_text else np.empty(0, dtype=np.uint64)
     if eval_hashes.size == 0:
         return []
     return [i for i, ids in enumerate(train_ids) if np.isin(_ngram_hashes(ids, n), eval_hashes).any()]

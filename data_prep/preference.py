@@ -72,11 +72,11 @@ def build_preference_data(recipe: Recipe, tokenizer, out: Path):
                 else:
                     rows.append({"prompt": prompt, "chosen": chosen, "rejected": rejected, "source": source.name})
             elif source.schema == "ratings":
-                response, rating = _text(cells["response"]), cells["rating"]
+                response, raw_rating = _text(cells["response"]), cells["rating"]
                 try:
-                    rating = float(rating)
+                    rating = float(raw_rating)  # type: ignore[arg-type]  # anything else is a reject
                 except (TypeError, ValueError):
-                    reject("bad_rating", f"rating {rating!r} is not a number")
+                    reject("bad_rating", f"rating {raw_rating!r} is not a number")
                     continue
                 if response is None:
                     reject("empty_field", "response is empty")

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from dataclasses import dataclass
+from typing import Literal, overload
 
 from data_prep.sources import RawRow, Reject
 from train.core.config import SourceConfig
@@ -38,6 +39,10 @@ class RowError(Exception):
         self.reason, self.detail = reason, detail
 
 
+@overload
+def _text(cells: dict, column: str, required: Literal[True] = True) -> str: ...
+@overload
+def _text(cells: dict, column: str, required: bool) -> str | None: ...
 def _text(cells: dict, column: str, required: bool = True) -> str | None:
     if column not in cells:
         if required:
@@ -56,6 +61,10 @@ def _text(cells: dict, column: str, required: bool = True) -> str | None:
     return text or None
 
 
+@overload
+def _check_think(text: str, column: str) -> str: ...
+@overload
+def _check_think(text: str | None, column: str) -> str | None: ...
 def _check_think(text: str | None, column: str) -> str | None:
     """Reject unbalanced <think> tags; unwrap reasoning already wrapped in one block."""
     if text is None:
@@ -78,7 +87,7 @@ def to_record(row: RawRow, source: SourceConfig, seed: int) -> Record:
     schema = source.schema
     if schema == "medical_o1":
         question = _text(cells, "Question")
-        reasoning = _check_think(_text(cells, "Complex_CoT"), "Complex_CoT")
+        reasoning: str | None = _check_think(_text(cells, "Complex_CoT"), "Complex_CoT")
         answer = _check_think(_text(cells, "Response"), "Response")
         return Record(source.name, row.row_id, question, answer, reasoning)
     if schema == "kocommercial":

@@ -157,11 +157,11 @@ def iter_source(source: SourceConfig, root: Path, rejects: list[Reject]) -> Iter
         local = Path(source.path) if Path(source.path).is_absolute() else root / source.path
         yield from _iter_hub(source, str(local) if local.is_dir() else source.path)
         return
-    local = resolve_local(source.path, root)
-    if local is None and source.loader == "local":
+    found = resolve_local(source.path, root)
+    if found is None and source.loader == "local":
         raise UserError(f"data file not found: {root / source.path}")
-    if local is not None:
-        for path in local_files(local):
+    if found is not None:
+        for path in local_files(found):
             yield from _iter_file(path, source.name, rejects)
         return
     yield from _iter_hub(source, source.path)
@@ -192,7 +192,7 @@ def eval_texts(path: str, root: Path) -> list[str]:
     if local is None:
         raise UserError(f"decontamination set not found: {root / path} (give a local file or folder)")
     rejects: list[Reject] = []
-    texts = []
+    texts: list[str] = []
     for file in local_files(local):
         for row in _iter_file(file, "decontaminate", rejects):
             texts.extend(v for v in row.cells.values() if isinstance(v, str) and v.strip())

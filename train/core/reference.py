@@ -48,11 +48,9 @@ def _default(f: dataclasses.Field) -> str:
 
 def _item_class(tp: Any) -> type | None:
     """The dataclass inside `list[X]` or `X | None`, if any."""
-    if dataclasses.is_dataclass(tp):
-        return tp
-    for arg in typing.get_args(tp):
-        if dataclasses.is_dataclass(arg):
-            return arg
+    for candidate in (tp, *typing.get_args(tp)):
+        if isinstance(candidate, type) and dataclasses.is_dataclass(candidate):
+            return candidate
     return None
 
 

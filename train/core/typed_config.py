@@ -51,7 +51,7 @@ def _coerce(value: Any, tp: Any, where: str, origin_file: str) -> Any:
             allowed = ", ".join(repr(a) for a in args)
             raise UserError(f"{origin_file}: '{where}' is {value!r}; allowed: {allowed}")
         return value
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         return build_section(tp, value, where, origin_file)
     if origin is list:
         if not isinstance(value, list):
