@@ -24,6 +24,7 @@ from data_prep.sources import Reject, eval_texts, iter_source, local_files, reso
 from data_prep.templates import Rendered, render_texts, tokenize_pairs
 from train.core.config import Recipe
 from train.core.errors import UserError
+from train.core.io import REJECTS_FILE, write_json, write_rejects
 from train.core.log import get_logger
 from train.core.paths import REPO_ROOT
 
@@ -208,20 +209,15 @@ def _write_parquet(rows: list[tuple[Rendered, Record]], path: Path) -> None:
     pq.write_table(table, path)
 
 
-def build(recipe: Recipe, tokenizer) -> dict:
-    """Build the processed dataset of `recipe`; return its manifest."""
-    started = time.perf_counter()
-    data = recipe.data
-    out = processed_dir(recipe)
-    out.mkdir(parents=True, exist_ok=True)
-    rng = random.Random(data.seed)
+def read_records(recipe: Recipe) -> tuple[list[Record], list[Reject], Counter]:
+    """Every source read and mapped to canonical records: (records, rejects, raw rows per source)."""
     rejects: list[Reject] = []
     raw_counts: Counter = Counter()
     records: list[Record] = []
-    for source in data.sources:
+    for source in recipe.data.sources:
         for row in iter_source(source, REPO_ROOT, rejects):
             raw_counts[source.name] += 1
-            result = canonicalize(row, source, data.seed)
+            result = canonicalize(row, source, recipe.data.seed)
             if isinstance(result, Reject):
                 rejects.append(result)
             else:
@@ -230,16 +226,32 @@ def build(recipe: Recipe, tokenizer) -> dict:
     for rej in rejects:
         if rej.row is None:
             raw_counts[rej.source] += 1
-    total_raw = sum(raw_counts.values())
-    if total_raw == 0:
+    if sum(raw_counts.values()) == 0:
         raise UserError(f"recipe {recipe.source_path}: the sources hold no rows ({', '.join(raw_counts) or 'none'})")
+    return records, rejects, raw_counts
+
+
+def _split(mixed: list, eval_fraction: float) -> tuple[list, list]:
+    """(train, eval): the first share of the shuffled rows is held out, at least one row when asked for."""
+    n_eval = int(round(len(mixed) * eval_fraction)) if len(mixed) > 1 else 0
+    if eval_fraction > 0 and len(mixed) > 1:
+        n_eval = max(1, n_eval)
+    return mixed[n_eval:], mixed[:n_eval]
+
+
+def build(recipe: Recipe, tokenizer) -> dict:
+    """Build the processed dataset of `recipe`; return its manifest."""
+    started = time.perf_counter()
+    data = recipe.data
+    out = processed_dir(recipe)
+    out.mkdir(parents=True, exist_ok=True)
+    records, rejects, raw_counts = read_records(recipe)
     validation_rejects = Counter(r.reason for r in rejects)
-    reject_fraction = sum(validation_rejects.values()) / total_raw
+    reject_fraction = sum(validation_rejects.values()) / sum(raw_counts.values())
 
     prompts, completions = render_texts(records, data.template, data.system_prompt, data.empty_think, tokenizer)
     rendered = tokenize_pairs(prompts, completions, tokenizer)
     kept, length_counts = _apply_length_policy(rendered, records, recipe, rejects)
-
     dedup_started = time.perf_counter()
     kept, removed = _deduplicate(kept, data)
     dedup_seconds = time.perf_counter() - dedup_started
@@ -249,26 +261,20 @@ def build(recipe: Recipe, tokenizer) -> dict:
     by_source: dict[str, list] = {}
     for item in kept:
         by_source.setdefault(item[1].source, []).append(item)
-    mixed, mix_counts = _mix(by_source, recipe, rng)
-    with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
-        for rej in rejects:
-            f.write(json.dumps(rej.to_json(), ensure_ascii=False) + "\n")
+    mixed, mix_counts = _mix(by_source, recipe, random.Random(data.seed))
+    write_rejects(out, rejects)
     if reject_fraction > data.max_reject_fraction:
         top = next(r for r in rejects if r.reason == validation_rejects.most_common(1)[0][0])
         raise UserError(
             f"{reject_fraction:.1%} of raw rows were rejected (> data.max_reject_fraction="
             f"{data.max_reject_fraction}); reasons {dict(validation_rejects)}, e.g. source '{top.source}' row "
-            f"{top.row_id}: {top.detail}; all listed in {out / 'rejects.jsonl'}"
+            f"{top.row_id}: {top.detail}; all listed in {out / REJECTS_FILE}"
         )
     if not mixed:
         raise UserError(
-            f"recipe {recipe.source_path}: no rows left after validation and length policy; see {out / 'rejects.jsonl'}"
+            f"recipe {recipe.source_path}: no rows left after validation and length policy; see {out / REJECTS_FILE}"
         )
-    n_eval = int(round(len(mixed) * data.eval_fraction)) if len(mixed) > 1 else 0
-    if data.eval_fraction > 0 and len(mixed) > 1:
-        n_eval = max(1, n_eval)
-    eval_rows, train_rows = mixed[:n_eval], mixed[n_eval:]
-
+    train_rows, eval_rows = _split(mixed, data.eval_fraction)
     _write_parquet(train_rows, out / "train.parquet")
     _write_parquet(eval_rows, out / "eval.parquet")
     lengths = [len(r.input_ids) for r, _ in mixed]
@@ -283,8 +289,8 @@ def build(recipe: Recipe, tokenizer) -> dict:
         "rejected": dict(validation_rejects),
         "reject_fraction": round(reject_fraction, 4),
         "length_policy": {"policy": data.length_policy, "max_length": data.max_length, **dict(length_counts)},
-        "duplicates_removed": len([r for r in removed if r.reason == "duplicate"]),
-        "near_duplicates_removed": len([r for r in removed if r.reason == "near_duplicate"]),
+        "duplicates_removed": sum(r.reason == "duplicate" for r in removed),
+        "near_duplicates_removed": sum(r.reason == "near_duplicate" for r in removed),
         "near_dedup_method": data.dedup.near,
         "dedup_seconds": round(dedup_seconds, 2),
         "contaminated_removed": len(contaminated),
@@ -296,7 +302,7 @@ def build(recipe: Recipe, tokenizer) -> dict:
         "length_percentiles": _percentiles(lengths),
         "seconds": round(time.perf_counter() - started, 2),
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out / "manifest.json", manifest)
     (out / "report.txt").write_text(format_report(manifest) + "\n", encoding="utf-8")
     return manifest
 

@@ -31,6 +31,7 @@ from typing import Literal
 from data_prep.sandbox import Limits, run_sandboxed
 from train.core.errors import UserError
 from train.core.formats import THINK_BLOCK
+from train.core.io import write_json, write_jsonl, write_rejects
 from train.core.log import get_logger
 from train.core.paths import REPO_ROOT
 from train.core.typed_config import build_config, read_yaml
@@ -236,10 +237,8 @@ def build_codeio(spec: CodeIOSpec) -> dict:
                     }
                 )
     rows, counts = _answer(items, spec, limits)
-    with open(out / "codeio.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
-    with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
+    write_jsonl(out / "codeio.jsonl", rows)
+    write_rejects(out, rejects)
     manifest = {
         "functions": len(files),
         "questions": len(items),
@@ -250,7 +249,7 @@ def build_codeio(spec: CodeIOSpec) -> dict:
         "teacher": spec.teacher.kind,
         "schema": "medical_o1" if spec.teacher.kind != "none" else "columns",
     }
-    (out / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
+    write_json(out / "manifest.json", manifest)
     return manifest
 
 

@@ -14,7 +14,6 @@ written to rejects.jsonl beside a manifest, as for SFT data.
 
 from __future__ import annotations
 
-import json
 import random
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -23,6 +22,7 @@ from data_prep.sources import Reject, iter_source
 from train.core.config import Recipe
 from train.core.errors import UserError
 from train.core.formats import render_prompt
+from train.core.io import REJECTS_FILE, write_json, write_rejects
 from train.core.log import get_logger, is_main_process
 from train.core.paths import REPO_ROOT
 
@@ -110,12 +110,9 @@ def build_preference_data(recipe: Recipe, tokenizer, out: Path):
                 {"prompt": prompt, "chosen": hi[0], "rejected": lo[0], "source": source.name} for hi, lo in pairs
             )
     if is_main_process():  # every rank builds the same rows in memory; one writes the files
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "rejects.jsonl", "w", encoding="utf-8") as f:
-            for r in rejects:
-                f.write(json.dumps(r.to_json(), ensure_ascii=False) + "\n")
+        write_rejects(out, rejects)
     if not rows:
-        raise UserError(f"no usable {recipe.method} rows in {[s.path for s in data.sources]}; see {out}/rejects.jsonl")
+        raise UserError(f"no usable {recipe.method} rows in {[s.path for s in data.sources]}; see {out / REJECTS_FILE}")
     random.Random(recipe.training.seed).shuffle(rows)
     n_eval = int(len(rows) * recipe.preference.eval_fraction) if recipe.method != "grpo" else 0
     train, held = rows[n_eval:], rows[:n_eval]
@@ -128,9 +125,9 @@ def build_preference_data(recipe: Recipe, tokenizer, out: Path):
         "eval_rows": len(held),
     }
     if is_main_process():
-        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(out / "manifest.json", manifest)
     if rejects:
-        log.warning("%d row(s) rejected %s, written to %s", len(rejects), manifest["rejected"], out / "rejects.jsonl")
+        log.warning("%d row(s) rejected %s, written to %s", len(rejects), manifest["rejected"], out / REJECTS_FILE)
 
     def to_ds(items):
         return (

@@ -154,7 +154,7 @@ def test_eval_data_problems_are_counted_and_written_aside(tmp_path, qa_stage):
     )
     examples = load_examples(data, _cfg(qa_stage), tmp_path / "out")
     assert len(examples) == 1 and examples[0]["references"] == ["서울"]
-    reasons = [json.loads(line)["reason"] for line in open(tmp_path / "out" / "rejected.jsonl")]
+    reasons = [json.loads(line)["reason"] for line in open(tmp_path / "out" / "rejects.jsonl")]
     assert reasons == ["malformed_json", "missing_question", "missing_answer"]
     with pytest.raises(UserError, match="no usable rows"):
         load_examples(write_jsonl(tmp_path / "bad.jsonl", ["{}"]), _cfg(qa_stage), tmp_path / "out2")

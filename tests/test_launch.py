@@ -30,7 +30,7 @@ def test_32b_size_and_strategy_choice():
     params = parameter_count(QWEN_32B)
     assert 32.5e9 < sum(params) < 33.0e9
     strategy, why = pick_strategy(params, "nf4", 8, 80)
-    assert strategy == "ddp" and "19.3 GB" in why  # DESIGN.md: 32B NF4 weights ~19 GB
+    assert strategy == "ddp" and "19.3 GB" in why  # 32B NF4 weights are ~19 GB
     assert pick_strategy(params, "nf4", 2, 24)[0] == "fsdp"  # two 4090s: FSDP-QLoRA
     assert pick_strategy(params, "nf4", 1, 24)[0] == "zero3_offload"
     assert pick_strategy(params, "none", 8, 80)[0] == "zero3"

@@ -3,7 +3,7 @@
 Unsloth itself needs an NVIDIA GPU. Here its two calls (`UnslothApi`) are replaced by a recorder that
 loads the model with transformers and wraps it with PEFT, so everything around them (data, template,
 loss, trainer, checkpoints, adapter, stage.json, merge) runs for real. These tests show that contract,
-not that Unsloth trains: that needs the GPU run (README support table).
+not that Unsloth trains: that needs the GPU run (support table in docs/distributed.md).
 """
 
 from __future__ import annotations

@@ -11,11 +11,11 @@ q4_k_m GGUF through llama.cpp, both parity-checked. Writes `<out>/summary.json` 
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
 
 from train.core.config import load_recipe
+from train.core.io import write_json
 from train.core.paths import REPO_ROOT
 
 STAGES = [
@@ -156,7 +156,7 @@ def run_demo(out: str | Path = "outputs/demo", fast: bool = False) -> dict:
     summary["eval"] = evaluate_stages([Path(s["output_dir"]) for s in summary["stages"].values()], out / "eval", fast)
     summary["merge"], summary["gguf"] = merge_and_export(final, out / "merged")
     summary["seconds_total"] = round(time.perf_counter() - started, 1)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(out / "summary.json", summary)
 
     summary["summary_path"] = str(out / "summary.json")
     return summary

@@ -1,7 +1,7 @@
 """Test-only shim: let accelerate run FSDP2 on CPU processes (gloo).
 
 accelerate promotes a launch to FSDP only for GPU-like device types; on CPU it silently runs DDP
-instead (DESIGN.md), which would make a CPU test of FSDP prove nothing. Loaded only by the `dist`
+instead (measured on this project's CPU machines), which would make a CPU test of FSDP prove nothing. Loaded only by the `dist`
 tests' subprocesses (PYTHONPATH=tests/fsdp_cpu_shim); never part of the package.
 """
 

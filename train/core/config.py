@@ -17,7 +17,7 @@ from typing import Any, Literal
 from train.core.errors import UserError
 from train.core.typed_config import build_config, read_yaml
 
-# The embedded default: a tiny Qwen2 model built locally (train/tiny.py).
+# The embedded default: a tiny Qwen2 model built locally (train/models/tiny.py).
 TINY_MODEL = "tiny"
 
 SCHEMAS = ("medical_o1", "kocommercial", "aihub_translation", "columns")
@@ -60,7 +60,7 @@ class ModelConfig:
     attn_implementation: Literal["sdpa_packed", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = field(
         default="sdpa_packed",
         metadata={
-            "help": "Attention kernel. 'sdpa_packed' = PyTorch SDPA per packed sequence (train/attention.py; "
+            "help": "Attention kernel. 'sdpa_packed' = PyTorch SDPA per packed sequence (train/models/attention.py; "
             "runs anywhere); flash_attention_* need a GPU and flash-attn."
         },
     )

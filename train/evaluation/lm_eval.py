@@ -20,6 +20,7 @@ import json
 from pathlib import Path
 
 from train.core.errors import UserError
+from train.core.io import write_json, write_jsonl
 from train.core.log import get_logger
 
 log = get_logger("lm-eval")
@@ -128,9 +129,7 @@ def run_lm_eval(
     out.mkdir(parents=True, exist_ok=True)
     samples = results.pop("samples", None) or {}
     for task, rows in samples.items():
-        with open(out / f"samples_{task}.jsonl", "w", encoding="utf-8") as f:
-            for row in rows:
-                f.write(json.dumps(row, ensure_ascii=False, default=str) + "\n")
+        write_jsonl(out / f"samples_{task}.jsonl", rows)
     report = {
         "target": lineage,
         "tasks": tasks,
@@ -142,9 +141,7 @@ def run_lm_eval(
         "configs": results.get("configs"),
         "lm_eval_version": lm_eval.__version__,
     }
-    (out / "lm_eval_results.json").write_text(
-        json.dumps(report, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8"
-    )
+    write_json(out / "lm_eval_results.json", report)
     report["table"] = format_results(report)
     return report
 

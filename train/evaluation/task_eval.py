@@ -21,6 +21,7 @@ from pathlib import Path
 
 from train.core.config import DecodingConfig, EvalConfig
 from train.core.errors import UserError
+from train.core.io import count_reasons, write_json, write_jsonl, write_rejects
 from train.core.log import get_logger
 from train.evaluation.qa_metrics import aggregate, clean_answer, score_example, vote
 from train.inference.generate import make_generator
@@ -68,12 +69,8 @@ def load_examples(path: str | Path, cfg: EvalConfig, out: Path) -> list[dict]:
                     }
                 )
     if rejected:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "rejected.jsonl", "w", encoding="utf-8") as f:
-            for r in rejected:
-                f.write(json.dumps(r, ensure_ascii=False) + "\n")
-        reasons = {r["reason"]: sum(x["reason"] == r["reason"] for x in rejected) for r in rejected}
-        log.warning("%s: %d row(s) rejected %s, written to %s", path, len(rejected), reasons, out / "rejected.jsonl")
+        written = write_rejects(out, rejected)
+        log.warning("%s: %d row(s) rejected %s, written to %s", path, len(rejected), count_reasons(rejected), written)
     if not examples:
         raise UserError(f"eval data {path} has no usable rows (need '{column['question']}' and '{column['answer']}')")
     return examples[: cfg.max_examples] if cfg.max_examples else examples
@@ -172,10 +169,8 @@ def run_eval(
         report["ensemble"] = {"members": len(by_member), "metrics": _score(examples, answers)[1]}
     if checkpoints:
         report["best_checkpoint"] = _pick_best(targets, members, cfg.primary_metric)
-    with open(out / "predictions.jsonl", "w", encoding="utf-8") as f:
-        for row in rows:
-            f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    (out / "metrics.json").write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_jsonl(out / "predictions.jsonl", rows)
+    write_json(out / "metrics.json", report)
     report["out"] = str(out)
     return report
 
@@ -197,7 +192,7 @@ def _pick_best(targets: list[Target], members: dict, metric: str) -> dict:
         "score": ranked[best_label],
         "scores": ranked,
     }
-    (best.path / BEST_CHECKPOINT).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    write_json(best.path / BEST_CHECKPOINT, record)
     log.info("best on %s: %s (%.4f) -> %s", metric, best_label, ranked[best_label], best.path / BEST_CHECKPOINT)
     return record
 

@@ -31,7 +31,7 @@ from collections import Counter
 from pathlib import Path
 
 from train.core.errors import UserError
-from train.core.io import check_output_dir
+from train.core.io import check_output_dir, write_json
 from train.core.log import get_logger
 from train.core.paths import REPO_ROOT
 from train.export.cards import write_model_card
@@ -184,6 +184,94 @@ def check_chat(llm, tokenizer, gguf_meta: dict) -> dict:
     }
 
 
+def _check_inputs(merged_dir: Path, types: list[str]) -> None:
+    if not (merged_dir / "config.json").is_file():
+        raise UserError(
+            f"{merged_dir} is not a merged model folder (no config.json); run `python -m train merge` first"
+        )
+    unknown = [t for t in types if t not in FLOAT_TYPES and t not in QUANT_TYPES]
+    if unknown or not types:
+        raise UserError(
+            f"--gguf {','.join(unknown) or '(empty)'}: choose from {', '.join([*FLOAT_TYPES, *QUANT_TYPES])}"
+        )
+
+
+def _write_files(llama_dir: Path, merged_dir: Path, tmp: Path, name: str, types: list[str]) -> tuple[str, dict]:
+    """The 16-bit GGUF (llama.cpp's converter), then each quantization of it: (float type, {type: file})."""
+    float_type = next((t for t in types if t in FLOAT_TYPES), "f16")
+    float_file = tmp / f"{name}-{float_type}.gguf"
+    log.info("converting %s to %s with %s", merged_dir, float_file.name, llama_dir)
+    convert(llama_dir, merged_dir, FLOAT_TYPES[float_type], float_file)
+    files = {float_type: float_file}
+    for quant in (t for t in types if t in QUANT_TYPES):
+        files[quant] = tmp / f"{name}-{quant}.gguf"
+        log.info("quantizing to %s", files[quant].name)
+        quantize(llama_dir, float_file, files[quant], quant)
+    return float_type, files
+
+
+def check_file(kind: str, path: Path, tokenizer, token_lists: list, merged_logits: list, ref_dtype: str) -> dict:
+    """Every parity check of one GGUF file; `failures` lists the checks it failed."""
+    from transformers import AutoModelForCausalLM
+
+    from train.models.loading import torch_dtype
+
+    meta = gguf_contents(path)
+    llm = _llama(path)
+    ids_llama = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in TOKENIZER_TEXTS]
+    mismatched = [t for t, a, b in zip(TOKENIZER_TEXTS, ids_llama, token_lists, strict=True) if a[:128] != b]
+    logits = llama_logits(llm, token_lists)
+    entry = {
+        "bytes": path.stat().st_size,
+        "tensor_types": dict(Counter(k for k, _ in meta["tensors"].values())),
+        "pre_tokenizer": meta["pre_tokenizer"],
+        "tokenization_identical": not mismatched,
+        "tokenization_mismatches": mismatched,
+        "chat_template_in_metadata": meta["chat_template"] == tokenizer.chat_template,
+        "eos_in_metadata": meta["eos_token_id"] == tokenizer.eos_token_id,
+        "vs_merged": compare_logits(merged_logits, logits),
+    }
+    if kind in QUANT_TYPES:
+        same_file = AutoModelForCausalLM.from_pretrained(
+            str(path.parent), gguf_file=path.name, dtype=torch_dtype(ref_dtype)
+        ).eval()
+        entry["vs_transformers_same_file"] = compare_logits(token_logits(same_file, token_lists), logits)
+        del same_file
+        entry["fallback_tensors"] = fallback_tensors(meta["tensors"], kind)
+        if entry["fallback_tensors"]:
+            log.warning(
+                "%s: %d tensors were not written as %s but as %s (rows not a multiple of 256?)",
+                kind,
+                len(entry["fallback_tensors"]),
+                "/".join(sorted(QUANT_TYPES[kind][1])),
+                dict(Counter(entry["fallback_tensors"].values())),
+            )
+        checked, (rel, agree) = entry["vs_transformers_same_file"], TOLERANCE["quant_same_file"]
+    else:
+        checked, (rel, agree) = entry["vs_merged"], TOLERANCE["float"]
+    entry["chat"] = check_chat(llm, tokenizer, meta) if meta["chat_template"] else None
+    del llm
+    entry["within_tolerance"] = checked["relative_diff"] <= rel and checked["argmax_agreement"] >= agree
+    failures = [
+        f"{kind}: {check} failed"
+        for check in ("tokenization_identical", "chat_template_in_metadata", "eos_in_metadata", "within_tolerance")
+        if not entry[check]
+    ]
+    if entry["chat"] and not entry["chat"]["template_renders_identically"]:
+        failures.append(f"{kind}: llama.cpp renders the chat template differently from transformers")
+    log.info(
+        "%s: %.1f MB, logits vs %s max diff %.4f (%.2f%%), argmax agreement %.3f, chat stops at EOS: %s",
+        path.name,
+        entry["bytes"] / 1e6,
+        "same file in transformers" if kind in QUANT_TYPES else "merged",
+        checked["max_abs_diff"],
+        100 * checked["relative_diff"],
+        checked["argmax_agreement"],
+        entry["chat"] and entry["chat"]["stops_at_eos"],
+    )
+    return {"type": kind, **entry, "failures": failures}
+
+
 def export_gguf(
     merged_dir: str | Path,
     types: list[str],
@@ -197,29 +285,19 @@ def export_gguf(
     from train.models.loading import torch_dtype
 
     merged_dir = Path(merged_dir).resolve()
-    if not (merged_dir / "config.json").is_file():
-        raise UserError(
-            f"{merged_dir} is not a merged model folder (no config.json); run `python -m train merge` first"
-        )
-    unknown = [t for t in types if t not in FLOAT_TYPES and t not in QUANT_TYPES]
-    if unknown or not types:
-        raise UserError(
-            f"--gguf {','.join(unknown) or '(empty)'}: choose from {', '.join([*FLOAT_TYPES, *QUANT_TYPES])}"
-        )
+    _check_inputs(merged_dir, types)
     out = Path(out).resolve() if out else merged_dir / "gguf"
     check_output_dir(out, EXPORT_REPORT)
     llama_dir = find_llama_cpp(llama_cpp_dir)
     import_llama_cpp()  # fail before converting when the checks cannot run
-    merge_report = (
-        json.loads((merged_dir / MERGE_REPORT).read_text(encoding="utf-8"))
-        if (merged_dir / MERGE_REPORT).is_file()
-        else {}
-    )
+    merge_file = merged_dir / MERGE_REPORT
+    merge_report = json.loads(merge_file.read_text(encoding="utf-8")) if merge_file.is_file() else {}
     name = Path(merge_report["lineage"][-1]).name if merge_report.get("lineage") else merged_dir.name
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
 
+    # The reference: transformers on the merged weights, before any GGUF exists.
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
     token_lists = [tokenizer(t, add_special_tokens=False)["input_ids"][:128] for t in TOKENIZER_TEXTS]
     ref_dtype = _reference_dtype(merged_dir)
@@ -227,16 +305,7 @@ def export_gguf(
     merged_logits = token_logits(merged, token_lists)
     del merged
 
-    float_type = next((t for t in types if t in FLOAT_TYPES), "f16")
-    float_file = tmp / f"{name}-{float_type}.gguf"
-    log.info("converting %s to %s with %s", merged_dir, float_file.name, llama_dir)
-    convert(llama_dir, merged_dir, FLOAT_TYPES[float_type], float_file)
-    files = {float_type: float_file}
-    for quant in (t for t in types if t in QUANT_TYPES):
-        files[quant] = tmp / f"{name}-{quant}.gguf"
-        log.info("quantizing to %s", files[quant].name)
-        quantize(llama_dir, float_file, files[quant], quant)
-
+    float_type, files = _write_files(llama_dir, merged_dir, tmp, name, types)
     report: dict = {
         "merged_dir": str(merged_dir),
         "llama_cpp": str(llama_dir),
@@ -244,73 +313,18 @@ def export_gguf(
         "tolerance": TOLERANCE,
         "files": {},
     }
-    failures = []
     for kind, path in files.items():
-        if kind not in types and not keep_intermediate:
-            continue
-        meta = gguf_contents(path)
-        llm = _llama(path)
-        ids_llama = [llm.tokenize(t.encode(), add_bos=False, special=True) for t in TOKENIZER_TEXTS]
-        mismatched = [t for t, a, b in zip(TOKENIZER_TEXTS, ids_llama, token_lists, strict=True) if a[:128] != b]
-        logits = llama_logits(llm, token_lists)
-        entry = {
-            "bytes": path.stat().st_size,
-            "tensor_types": dict(Counter(k for k, _ in meta["tensors"].values())),
-            "pre_tokenizer": meta["pre_tokenizer"],
-            "tokenization_identical": not mismatched,
-            "tokenization_mismatches": mismatched,
-            "chat_template_in_metadata": meta["chat_template"] == tokenizer.chat_template,
-            "eos_in_metadata": meta["eos_token_id"] == tokenizer.eos_token_id,
-            "vs_merged": compare_logits(merged_logits, logits),
-        }
-        if kind in QUANT_TYPES:
-            same_file = AutoModelForCausalLM.from_pretrained(
-                str(path.parent), gguf_file=path.name, dtype=torch_dtype(ref_dtype)
-            ).eval()
-            entry["vs_transformers_same_file"] = compare_logits(token_logits(same_file, token_lists), logits)
-            del same_file
-            entry["fallback_tensors"] = fallback_tensors(meta["tensors"], kind)
-            if entry["fallback_tensors"]:
-                log.warning(
-                    "%s: %d tensors were not written as %s but as %s (rows not a multiple of 256?)",
-                    kind,
-                    len(entry["fallback_tensors"]),
-                    "/".join(sorted(QUANT_TYPES[kind][1])),
-                    dict(Counter(entry["fallback_tensors"].values())),
-                )
-            checked, (rel, agree) = entry["vs_transformers_same_file"], TOLERANCE["quant_same_file"]
-        else:
-            checked, (rel, agree) = entry["vs_merged"], TOLERANCE["float"]
-        entry["chat"] = check_chat(llm, tokenizer, meta) if meta["chat_template"] else None
-        del llm
-        entry["within_tolerance"] = checked["relative_diff"] <= rel and checked["argmax_agreement"] >= agree
-        for check in ("tokenization_identical", "chat_template_in_metadata", "eos_in_metadata", "within_tolerance"):
-            if not entry[check]:
-                failures.append(f"{kind}: {check} failed")
-        if entry["chat"] and not entry["chat"]["template_renders_identically"]:
-            failures.append(f"{kind}: llama.cpp renders the chat template differently from transformers")
-        report["files"][path.name] = {"type": kind, **entry}
-        log.info(
-            "%s: %.1f MB, logits vs %s max diff %.4f (%.2f%%), argmax agreement %.3f, chat stops at EOS: %s",
-            path.name,
-            entry["bytes"] / 1e6,
-            "same file in transformers" if kind in QUANT_TYPES else "merged",
-            checked["max_abs_diff"],
-            100 * checked["relative_diff"],
-            checked["argmax_agreement"],
-            entry["chat"] and entry["chat"]["stops_at_eos"],
-        )
+        if kind in types or keep_intermediate:
+            report["files"][path.name] = check_file(kind, path, tokenizer, token_lists, merged_logits, ref_dtype)
     if float_type not in types and not keep_intermediate:
-        float_file.unlink()
-    report["failures"] = failures
-    (tmp / EXPORT_REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    if failures:
-        raise UserError(f"GGUF parity failed ({'; '.join(failures)}); files and report left in {tmp}")
+        files[float_type].unlink()
+    report["failures"] = [f for entry in report["files"].values() for f in entry.pop("failures")]
+    write_json(tmp / EXPORT_REPORT, report)
+    if report["failures"]:
+        raise UserError(f"GGUF parity failed ({'; '.join(report['failures'])}); files and report left in {tmp}")
     lineage = [Path(p) for p in merge_report.get("lineage", [])]
     if lineage:
-        write_model_card(
-            tmp, lineage, {"merge": merge_report, "export": report}, gguf_files=[p for p in report["files"]]
-        )
+        write_model_card(tmp, lineage, {"merge": merge_report, "export": report}, gguf_files=list(report["files"]))
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
     report["out"] = str(out)

@@ -18,7 +18,7 @@ from pathlib import Path
 from train.core.config import recipe_from_dict
 from train.core.errors import UserError
 from train.core.formats import reasoning_chat_template
-from train.core.io import check_output_dir
+from train.core.io import check_output_dir, write_json
 from train.core.log import get_logger
 from train.export.cards import write_model_card
 from train.export.parity import PARITY_TEXTS, compare_logits, text_logits
@@ -142,7 +142,7 @@ def merge_stage(
     merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
     report["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
-    (tmp / MERGE_REPORT).write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(tmp / MERGE_REPORT, report)
     write_model_card(tmp, stage_lineage(stage_dir), report, license_id=license_id)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

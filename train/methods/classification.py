@@ -23,6 +23,7 @@ from typing import Literal
 import numpy as np
 
 from train.core.errors import UserError
+from train.core.io import REJECTS_FILE, count_reasons, write_json, write_rejects
 from train.core.log import get_logger
 
 log = get_logger("classify")
@@ -164,11 +165,8 @@ def encode_labels(rows: list[dict], names: list[str], recipe: ClassificationReci
         else:
             targets.append(index[values[0]])
     if rejects:
-        out.mkdir(parents=True, exist_ok=True)
-        with open(out / "rejects.jsonl", "a", encoding="utf-8") as f:
-            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rejects)
-        counts = {r["reason"]: sum(x["reason"] == r["reason"] for x in rejects) for r in rejects}
-        log.warning("%s: %d row(s) rejected %s (written to %s)", path, len(rejects), counts, out / "rejects.jsonl")
+        written = write_rejects(out, rejects, append=True)  # train and eval files share one rejects.jsonl
+        log.warning("%s: %d row(s) rejected %s (written to %s)", path, len(rejects), count_reasons(rejects), written)
     if not texts:
         raise UserError(f"{path}: no usable rows ('{text_field}' text and '{label_field}' labels)")
     return texts, np.array(targets)
@@ -242,71 +240,38 @@ def _trainer_class(pos_weight):
 # Run
 
 
-def run_classification(recipe: ClassificationRecipe) -> dict:
-    import datasets
-    import torch
-    from transformers import AutoTokenizer, DataCollatorWithPadding, TrainingArguments, set_seed
+def label_names(recipe: ClassificationRecipe, rows: list[dict]) -> list[str]:
+    """The recipe's labels, or every label seen in train, sorted."""
+    if recipe.data.labels:
+        return list(recipe.data.labels)
+    field_name = recipe.data.label_field
+    seen = set()
+    for row in rows:
+        value = row.get(field_name)
+        seen.update(str(v) for v in (value if isinstance(value, list) else [value]) if v is not None)
+    return sorted(seen)
 
-    from train.evaluation.cls_metrics import (
-        multilabel_metrics,
-        per_label_table,
-        plot_per_label_f1,
-        sigmoid,
-        singlelabel_metrics,
-        tune_thresholds,
-    )
 
-    out = Path(recipe.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "rejects.jsonl").unlink(missing_ok=True)
-    set_seed(recipe.training.seed)
-    multi = recipe.model.problem_type == "multi_label"
+def split_data(recipe: ClassificationRecipe, out: Path):
+    """(names, (train texts, targets), (eval texts, targets)); bad rows go to rejects.jsonl."""
     train_rows = read_rows(recipe.data.train)
-    names = list(recipe.data.labels) or sorted(
-        {
-            str(v)
-            for r in train_rows
-            for v in (
-                r.get(recipe.data.label_field)
-                if isinstance(r.get(recipe.data.label_field), list)
-                else [r.get(recipe.data.label_field)]
-            )
-            if v is not None
-        }
-    )
+    names = label_names(recipe, train_rows)
     texts, targets = encode_labels(train_rows, names, recipe, recipe.data.train, out)
     if recipe.data.eval:
-        eval_texts, eval_targets = encode_labels(read_rows(recipe.data.eval), names, recipe, recipe.data.eval, out)
-    else:
-        order = np.random.default_rng(recipe.training.seed).permutation(len(texts))
-        cut = max(1, int(len(texts) * recipe.data.eval_fraction))
-        held, kept = order[:cut], order[cut:]
-        eval_texts, eval_targets = [texts[i] for i in held], targets[held]
-        texts, targets = [texts[i] for i in kept], targets[kept]
+        return names, (texts, targets), encode_labels(read_rows(recipe.data.eval), names, recipe, recipe.data.eval, out)
+    order = np.random.default_rng(recipe.training.seed).permutation(len(texts))
+    cut = max(1, int(len(texts) * recipe.data.eval_fraction))
+    held, kept = order[:cut], order[cut:]
+    return names, ([texts[i] for i in kept], targets[kept]), ([texts[i] for i in held], targets[held])
 
-    encoder = resolve_encoder(recipe.model.name_or_path)
-    tokenizer = AutoTokenizer.from_pretrained(encoder)
 
-    def dataset(xs, ys):
-        enc = tokenizer(xs, truncation=True, max_length=recipe.model.max_length)
-        return datasets.Dataset.from_dict({**enc, "labels": ys.tolist()})
-
-    model = build_model(recipe, names)
-    pos_weight = None
-    if recipe.training.pos_weight:
-        positives = targets.sum(0)
-        pos_weight = torch.tensor((len(targets) - positives) / np.maximum(positives, 1), dtype=torch.float32)
-    bf16 = recipe.training.mixed_precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
-
-    def compute_metrics(pred):
-        logits, labels = pred.predictions, pred.label_ids
-        if multi:
-            m = multilabel_metrics(sigmoid(logits), labels)
-            return {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
-        return {k: v for k, v in singlelabel_metrics(logits, labels).items() if not isinstance(v, list)}
+def _training_args(recipe: ClassificationRecipe, out: Path):
+    import torch
+    from transformers import TrainingArguments
 
     t = recipe.training
-    args = TrainingArguments(
+    bf16 = t.mixed_precision == "auto" and torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return TrainingArguments(
         output_dir=str(out),
         learning_rate=t.learning_rate,
         num_train_epochs=t.num_train_epochs,
@@ -327,57 +292,94 @@ def run_classification(recipe: ClassificationRecipe) -> dict:
         metric_for_best_model="f1_micro",
         greater_is_better=True,
     )
+
+
+def _compute_metrics(multi: bool):
+    from train.evaluation.cls_metrics import multilabel_metrics, sigmoid, singlelabel_metrics
+
+    def compute(pred):
+        logits, labels = pred.predictions, pred.label_ids
+        if multi:
+            m = multilabel_metrics(sigmoid(logits), labels)
+            return {k: v for k, v in m.items() if not isinstance(v, (dict, list))}
+        return {k: v for k, v in singlelabel_metrics(logits, labels).items() if not isinstance(v, list)}
+
+    return compute
+
+
+def score(recipe: ClassificationRecipe, logits, targets, n_labels: int) -> tuple[dict, dict | None, object, object]:
+    """(metrics, metrics at threshold 0.5 or None, thresholds or None, support per label) on the eval split."""
+    from train.evaluation.cls_metrics import multilabel_metrics, sigmoid, singlelabel_metrics, tune_thresholds
+
+    if recipe.model.problem_type != "multi_label":
+        return singlelabel_metrics(logits, targets), None, None, np.bincount(targets, minlength=n_labels)
+    probs = sigmoid(logits)
+    thresholds = tune_thresholds(probs, targets) if recipe.training.tune_thresholds else np.full(n_labels, 0.5)
+    return (
+        multilabel_metrics(probs, targets, thresholds),
+        multilabel_metrics(probs, targets, 0.5),
+        thresholds,
+        targets.sum(0),
+    )
+
+
+def run_classification(recipe: ClassificationRecipe) -> dict:
+    import datasets
+    import torch
+    from transformers import AutoTokenizer, DataCollatorWithPadding, set_seed
+
+    from train.evaluation.cls_metrics import per_label_table, plot_per_label_f1
+
+    out = Path(recipe.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / REJECTS_FILE).unlink(missing_ok=True)
+    set_seed(recipe.training.seed)
+    names, (texts, targets), (eval_texts, eval_targets) = split_data(recipe, out)
+    tokenizer = AutoTokenizer.from_pretrained(resolve_encoder(recipe.model.name_or_path))
+
+    def dataset(xs, ys):
+        enc = tokenizer(xs, truncation=True, max_length=recipe.model.max_length)
+        return datasets.Dataset.from_dict({**enc, "labels": ys.tolist()})
+
+    pos_weight = None
+    if recipe.training.pos_weight:
+        positives = targets.sum(0)
+        pos_weight = torch.tensor((len(targets) - positives) / np.maximum(positives, 1), dtype=torch.float32)
     trainer = _trainer_class(pos_weight)(
-        model=model,
-        args=args,
+        model=build_model(recipe, names),
+        args=_training_args(recipe, out),
         train_dataset=dataset(texts, targets),
         eval_dataset=dataset(eval_texts, eval_targets),
         data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics,
+        compute_metrics=_compute_metrics(recipe.model.problem_type == "multi_label"),
     )
     trainer.train()
-
     logits = trainer.predict(dataset(eval_texts, eval_targets)).predictions
-    if multi:
-        probs = sigmoid(logits)
-        thresholds = tune_thresholds(probs, eval_targets) if t.tune_thresholds else np.full(len(names), 0.5)
-        metrics = multilabel_metrics(probs, eval_targets, thresholds)
-        metrics_at_half = multilabel_metrics(probs, eval_targets, 0.5)
-        support = eval_targets.sum(0)
-    else:
-        thresholds, metrics_at_half = None, None
-        metrics = singlelabel_metrics(logits, eval_targets)
-        support = np.bincount(eval_targets, minlength=len(names))
-
+    metrics, metrics_at_half, thresholds, support = score(recipe, logits, eval_targets, len(names))
+    if not trainer.is_world_process_zero():
+        return {}
     model_dir = out / "model"
-    if trainer.is_world_process_zero():
-        saved = trainer.model.merge_and_unload() if recipe.model.lora else trainer.model
-        saved.save_pretrained(model_dir, safe_serialization=True)
-        tokenizer.save_pretrained(model_dir)
-        if thresholds is not None:
-            (model_dir / THRESHOLDS).write_text(
-                json.dumps(dict(zip(names, thresholds.tolist(), strict=True)), indent=2, ensure_ascii=False) + "\n",
-                encoding="utf-8",
-            )
-        plot_per_label_f1(names, metrics["f1_per_label"], out / "per_label_f1.png", recipe.stage)
-        table = per_label_table(names, metrics, thresholds, support)
-        (out / "per_label.txt").write_text(table + "\n", encoding="utf-8")
-        report = {
-            "stage": recipe.stage,
-            "problem_type": recipe.model.problem_type,
-            "labels": names,
-            "train_rows": len(texts),
-            "eval_rows": len(eval_texts),
-            "metrics": metrics,
-            "metrics_at_threshold_0.5": metrics_at_half,
-            "model_dir": str(model_dir),
-        }
-        (out / "classification_report.json").write_text(
-            json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
-        )
-        log.info("\n%s", table)
-        return report
-    return {}
+    saved = trainer.model.merge_and_unload() if recipe.model.lora else trainer.model
+    saved.save_pretrained(model_dir, safe_serialization=True)
+    tokenizer.save_pretrained(model_dir)
+    if thresholds is not None:
+        write_json(model_dir / THRESHOLDS, dict(zip(names, thresholds.tolist(), strict=True)))
+    plot_per_label_f1(names, metrics["f1_per_label"], out / "per_label_f1.png", recipe.stage)
+    table = per_label_table(names, metrics, thresholds, support)
+    (out / "per_label.txt").write_text(table + "\n", encoding="utf-8")
+    report = {
+        "stage": recipe.stage,
+        "problem_type": recipe.model.problem_type,
+        "labels": names,
+        "train_rows": len(texts),
+        "eval_rows": len(eval_texts),
+        "metrics": metrics,
+        "metrics_at_threshold_0.5": metrics_at_half,
+        "model_dir": str(model_dir),
+    }
+    write_json(out / "classification_report.json", report)
+    log.info("\n%s", table)
+    return report
 
 
 def predict_labels(model_dir: str | Path, texts: list[str], batch_size: int = 32) -> list[dict]:
@@ -465,5 +467,5 @@ def export_onnx(model_dir: str | Path, out: str | Path | None = None) -> dict:
     }
     if diff > 1e-3:
         raise UserError(f"ONNX logits differ from PyTorch by {diff:.2e} (> 1e-3); {out} is not trustworthy")
-    (out.with_suffix(".onnx.json")).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+    write_json(out.with_suffix(".onnx.json"), report)
     return report

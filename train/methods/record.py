@@ -6,7 +6,6 @@ environment), and nothing from the environment is copied into it.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ import yaml
 from transformers import TrainerCallback
 
 from train.core.config import TINY_MODEL, Recipe, recipe_to_dict
+from train.core.io import write_json, write_jsonl
 from train.core.log import is_main_process
 from train.core.paths import REPO_ROOT
 
@@ -52,8 +52,7 @@ class MetricsLogCallback(TrainerCallback):
         if logs is None or not state.is_world_process_zero:
             return
         record = {"step": state.global_step, "epoch": state.epoch, "time": round(time.time(), 3), **logs}
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record) + "\n")
+        write_jsonl(self.path, [record], append=True)
 
 
 def losses(log_history: list[dict]) -> list[tuple[int, float]]:
@@ -107,7 +106,7 @@ def write_stage_outputs(recipe: Recipe, out: Path, manifest: dict, metrics: dict
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
     if is_main_process():
-        (out / "stage.json").write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        write_json(out / "stage.json", record)
         (out / "recipe.yaml").write_text(
             yaml.safe_dump(recipe_to_dict(recipe), allow_unicode=True, sort_keys=False), encoding="utf-8"
         )
