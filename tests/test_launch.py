@@ -98,3 +98,27 @@ def test_launcher_precision_must_match_the_recipe(stage1_dict, monkeypatch):
         check_launch(make_recipe(stage1_dict), Launch("ddp", 2))
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
     check_launch(make_recipe(stage1_dict), Launch("ddp", 2))
+
+
+def test_check_launch_refuses_before_any_rank_starts(stage1_dict, tmp_path, capsys):
+    """`make train-*` runs this once before `accelerate launch`: one line, exit 2, no rank started."""
+    import yaml
+
+    from train.cli import main
+
+    stage1_dict["data"]["processed_dir"] = str(tmp_path / "never_built")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(yaml.safe_dump(stage1_dict), encoding="utf-8")
+    cases = [
+        (["--strategy", "ddp", "--processes", "2"], "is missing; run `python -m data_prep"),
+        (["training.global_batch_size=6", "--strategy", "ddp", "--processes", "4"], "not a multiple of"),
+        (["training.report_to=[wandb_typo]", "--strategy", "ddp", "--processes", "2", "--config-file",
+          "accelerate_configs/ddp.yaml"], "unknown backend 'wandb_typo'"),
+    ]
+    for args, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["check-launch", str(recipe), *args])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert exit_info.value.code == 2 and len(err) == 1 and message in err[0], err
+    main(["check-launch", str(recipe), "--strategy", "ddp", "--processes", "1"])  # one process builds its own data
+    assert "is ready for ddp on 1 process(es)" in capsys.readouterr().err

@@ -72,6 +72,14 @@ class ModelConfig:
         default=False, metadata={"help": "Run model code from the Hub. Off unless you trust the repository."}
     )
 
+    def validate(self, origin: str) -> None:
+        if self.quantization != "none" and self.dtype == "float32" and self.name_or_path != TINY_MODEL:
+            raise UserError(f"{origin}: 4/8-bit base with model.dtype=float32 wastes memory; set model.dtype: bfloat16")
+        if self.quant_storage != "uint8" and self.quantization != "nf4":
+            raise UserError(f"{origin}: model.quant_storage only applies to quantization: nf4")
+        if self.attn_implementation.startswith("flash_attention") and self.dtype == "float32":
+            raise UserError(f"{origin}: flash attention needs model.dtype bfloat16 or float16, not float32")
+
 
 @dataclass
 class LoraConfig:
@@ -125,6 +133,25 @@ class SourceConfig:
         default=0.5,
         metadata={"help": "For aihub_translation: share of pairs rendered Korean->English (the rest English->Korean)."},
     )
+
+    def validate(self, where: str) -> None:
+        if self.schema == "columns" and not {"question", "answer"} <= set(self.columns):
+            raise UserError(
+                f"{where} ('{self.name}') uses schema 'columns' and needs "
+                f"'columns: {{question: COL, answer: COL}}' (optional: reasoning, system)"
+            )
+        allowed = {
+            "preference": {"prompt", "chosen", "rejected", "id"},
+            "ratings": {"prompt", "response", "rating", "id"},
+            "verifiable": {"question", "answer", "id"},
+        }.get(self.schema, {"question", "answer", "reasoning", "system", "id", "context"})
+        unknown = set(self.columns) - allowed
+        if unknown:
+            raise UserError(f"{where}.columns has unknown field(s) {sorted(unknown)}; use {', '.join(sorted(allowed))}")
+        if self.weight <= 0:
+            raise UserError(f"{where}.weight must be > 0 (remove the source to skip it)")
+        if not 0.0 <= self.ko_to_en_ratio <= 1.0:
+            raise UserError(f"{where}.ko_to_en_ratio must be between 0 and 1")
 
 
 @dataclass
@@ -200,6 +227,25 @@ class DataConfig:
     )
     seed: int = field(default=3407, metadata={"help": "Seed for mixing, translation direction and the split."})
 
+    def validate(self, origin: str) -> None:
+        if not self.sources:
+            raise UserError(f"{origin}: 'data.sources' is empty; list at least one source")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise UserError(f"{origin}: source names must be unique, got {names}")
+        for i, source in enumerate(self.sources):
+            source.validate(f"{origin}: data.sources[{i}]")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            raise UserError(f"{origin}: data.eval_fraction must be in [0, 1)")
+        if not 0.0 <= self.max_reject_fraction <= 1.0:
+            raise UserError(f"{origin}: data.max_reject_fraction must be in [0, 1]")
+        if not 0.0 < self.dedup.minhash_threshold <= 1.0 or not 0.0 < self.dedup.semantic_threshold <= 1.0:
+            raise UserError(f"{origin}: data.dedup thresholds must be in (0, 1]")
+        if self.dedup.ngram < 1 or self.decontaminate_ngram < 1:
+            raise UserError(f"{origin}: data.dedup.ngram and data.decontaminate_ngram must be >= 1")
+        if self.max_length < 16:
+            raise UserError(f"{origin}: data.max_length={self.max_length} is too small (>= 16)")
+
 
 @dataclass
 class TrainingConfig:
@@ -265,6 +311,19 @@ class TrainingConfig:
         metadata={"help": "Any other trl.SFTConfig argument, checked against SFTConfig's fields at start-up."},
     )
 
+    def validate(self, origin: str) -> None:
+        if self.per_device_train_batch_size < 1 or self.gradient_accumulation_steps < 1:
+            raise UserError(f"{origin}: batch size and gradient_accumulation_steps must be >= 1")
+        if self.max_steps == 0:
+            raise UserError(f"{origin}: training.max_steps=0 trains nothing; use -1 for epochs or a positive count")
+        reserved = {"output_dir", "max_length", "packing", "seed", "bf16", "fp16", "completion_only_loss"}
+        clash = reserved & set(self.sft_args)
+        if clash:
+            raise UserError(
+                f"{origin}: training.sft_args sets {sorted(clash)}, which the recipe sets elsewhere "
+                "(output_dir, data.max_length, training.packing, training.seed, model.dtype)"
+            )
+
 
 @dataclass
 class DecodingConfig:
@@ -283,6 +342,13 @@ class DecodingConfig:
         default=1, metadata={"help": "Candidates per prompt (beams or samples); > 1 enables voting over them."}
     )
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
+
+    def validate(self, where: str) -> None:
+        if self.num_return_sequences > max(self.num_beams, 1) and not self.do_sample:
+            raise UserError(
+                f"{where} ('{self.name}') asks for {self.num_return_sequences} candidates from {self.num_beams} "
+                "beam(s); set num_beams >= num_return_sequences or do_sample: true"
+            )
 
 
 @dataclass
@@ -432,88 +498,34 @@ def recipe_to_dict(recipe: Recipe) -> dict:
 
 
 def validate_recipe(recipe: Recipe) -> None:
+    """Each section checks its own fields (its `validate`); the checks that span sections are here."""
     origin = recipe.source_path or "<recipe>"
-    model, data, training = recipe.model, recipe.data, recipe.training
-    if not data.sources:
-        raise UserError(f"{origin}: 'data.sources' is empty; list at least one source")
+    recipe.model.validate(origin)
+    recipe.data.validate(origin)
+    recipe.training.validate(origin)
+    for i, dec in enumerate(recipe.eval.decodings):
+        dec.validate(f"{origin}: eval.decodings[{i}]")
     wanted = {
         "sft": set(SCHEMAS),
         "reward": set(PREFERENCE_SCHEMAS),
         "dpo": set(PREFERENCE_SCHEMAS),
         "grpo": {VERIFIABLE_SCHEMA},
     }[recipe.method]
-    for i, source in enumerate(data.sources):
+    for i, source in enumerate(recipe.data.sources):
         if source.schema not in wanted:
             raise UserError(
                 f"{origin}: data.sources[{i}] ('{source.name}') has schema '{source.schema}', which "
                 f"method '{recipe.method}' cannot use; use one of {sorted(wanted)}"
             )
-    if recipe.method == "grpo" and "reward_model" in recipe.preference.rewards and not recipe.preference.reward_model:
+    pref = recipe.preference
+    if recipe.method == "grpo" and "reward_model" in pref.rewards and not pref.reward_model:
         raise UserError(
             f"{origin}: preference.rewards lists reward_model but preference.reward_model is not set; "
             "give the output_dir of a reward stage"
         )
     if recipe.method != "sft" and recipe.backend != "transformers":
         raise UserError(f"{origin}: method '{recipe.method}' runs on backend transformers only")
-    names = [s.name for s in data.sources]
-    if len(set(names)) != len(names):
-        raise UserError(f"{origin}: source names must be unique, got {names}")
-    for i, source in enumerate(data.sources):
-        if source.schema == "columns" and not {"question", "answer"} <= set(source.columns):
-            raise UserError(
-                f"{origin}: data.sources[{i}] ('{source.name}') uses schema 'columns' and needs "
-                f"'columns: {{question: COL, answer: COL}}' (optional: reasoning, system)"
-            )
-        allowed = {
-            "preference": {"prompt", "chosen", "rejected", "id"},
-            "ratings": {"prompt", "response", "rating", "id"},
-            "verifiable": {"question", "answer", "id"},
-        }.get(source.schema, {"question", "answer", "reasoning", "system", "id", "context"})
-        unknown = set(source.columns) - allowed
-        if unknown:
-            raise UserError(
-                f"{origin}: data.sources[{i}].columns has unknown field(s) {sorted(unknown)}; "
-                f"use {', '.join(sorted(allowed))}"
-            )
-        if source.weight <= 0:
-            raise UserError(f"{origin}: data.sources[{i}].weight must be > 0 (remove the source to skip it)")
-        if not 0.0 <= source.ko_to_en_ratio <= 1.0:
-            raise UserError(f"{origin}: data.sources[{i}].ko_to_en_ratio must be between 0 and 1")
-    if not 0.0 <= data.eval_fraction < 1.0:
-        raise UserError(f"{origin}: data.eval_fraction must be in [0, 1)")
-    if not 0.0 <= data.max_reject_fraction <= 1.0:
-        raise UserError(f"{origin}: data.max_reject_fraction must be in [0, 1]")
-    if not 0.0 < data.dedup.minhash_threshold <= 1.0 or not 0.0 < data.dedup.semantic_threshold <= 1.0:
-        raise UserError(f"{origin}: data.dedup thresholds must be in (0, 1]")
-    if data.dedup.ngram < 1 or data.decontaminate_ngram < 1:
-        raise UserError(f"{origin}: data.dedup.ngram and data.decontaminate_ngram must be >= 1")
-    if data.max_length < 16:
-        raise UserError(f"{origin}: data.max_length={data.max_length} is too small (>= 16)")
-    if model.quantization != "none" and model.dtype == "float32" and model.name_or_path != TINY_MODEL:
-        raise UserError(f"{origin}: 4/8-bit base with model.dtype=float32 wastes memory; set model.dtype: bfloat16")
-    if model.quant_storage != "uint8" and model.quantization != "nf4":
-        raise UserError(f"{origin}: model.quant_storage only applies to quantization: nf4")
-    if model.attn_implementation.startswith("flash_attention") and model.dtype == "float32":
-        raise UserError(f"{origin}: flash attention needs model.dtype bfloat16 or float16, not float32")
-    if recipe.backend == "unsloth" and model.use_liger:
+    if recipe.backend == "unsloth" and recipe.model.use_liger:
         raise UserError(f"{origin}: backend 'unsloth' brings its own kernels; set model.use_liger: false")
-    if training.per_device_train_batch_size < 1 or training.gradient_accumulation_steps < 1:
-        raise UserError(f"{origin}: batch size and gradient_accumulation_steps must be >= 1")
-    if training.max_steps == 0:
-        raise UserError(f"{origin}: training.max_steps=0 trains nothing; use -1 for epochs or a positive count")
     if recipe.parent is not None and Path(recipe.parent).resolve() == Path(recipe.output_dir).resolve():
         raise UserError(f"{origin}: parent and output_dir are the same folder; give this stage its own output_dir")
-    for i, dec in enumerate(recipe.eval.decodings):
-        if dec.num_return_sequences > max(dec.num_beams, 1) and not dec.do_sample:
-            raise UserError(
-                f"{origin}: eval.decodings[{i}] ('{dec.name}') asks for {dec.num_return_sequences} "
-                f"candidates from {dec.num_beams} beam(s); set num_beams >= num_return_sequences or "
-                "do_sample: true"
-            )
-    reserved = {"output_dir", "max_length", "packing", "seed", "bf16", "fp16", "completion_only_loss"}
-    clash = reserved & set(training.sft_args)
-    if clash:
-        raise UserError(
-            f"{origin}: training.sft_args sets {sorted(clash)}, which the recipe sets elsewhere "
-            "(output_dir, data.max_length, training.packing, training.seed, model.dtype)"
-        )

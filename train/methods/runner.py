@@ -191,6 +191,31 @@ def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = N
             )
 
 
+def _metrics(
+    trainer, method: Method, result, eval_metrics: dict, launch: Launch, sharding: str, resume, guard, started: float
+) -> dict:
+    """What stage.json records of a finished run: the shared figures, then the method's own."""
+    history = trainer.state.log_history
+    curve = losses(history)
+    return {
+        "train_loss": result.training_loss,
+        "train_loss_first": curve[0][1] if curve else None,
+        "train_loss_last": curve[-1][1] if curve else None,
+        "eval_loss": eval_metrics.get("eval_loss"),
+        "eval": {k: v for k, v in eval_metrics.items() if isinstance(v, float)},
+        "global_steps": trainer.state.global_step,
+        "train_tokens": None,
+        "padding_efficiency": None,
+        "seconds": round(time.perf_counter() - started, 2),
+        "world_size": launch.world_size,
+        "strategy": launch.strategy,
+        "sharding": sharding,
+        "resumed_from": resume,
+        "nonfinite_skipped_steps": guard.skipped,
+        **method.metrics(trainer, history),
+    }
+
+
 def run_stage(recipe: Recipe, method: Method) -> dict:
     """Train one stage with `method`; return its stage record (what stage.json holds)."""
     from transformers import set_seed
@@ -245,24 +270,7 @@ def run_stage(recipe: Recipe, method: Method) -> dict:
     if trainer.is_world_process_zero():
         method.save_extra(trainer, out, tokenizer)
     history = trainer.state.log_history
-    curve = losses(history)
-    metrics = {
-        "train_loss": result.training_loss,
-        "train_loss_first": curve[0][1] if curve else None,
-        "train_loss_last": curve[-1][1] if curve else None,
-        "eval_loss": eval_metrics.get("eval_loss"),
-        "eval": {k: v for k, v in eval_metrics.items() if isinstance(v, float)},
-        "global_steps": trainer.state.global_step,
-        "train_tokens": None,
-        "padding_efficiency": None,
-        "seconds": round(time.perf_counter() - started, 2),
-        "world_size": launch.world_size,
-        "strategy": launch.strategy,
-        "sharding": sharding,
-        "resumed_from": resume,
-        "nonfinite_skipped_steps": guard.skipped,
-        **method.metrics(trainer, history),
-    }
+    metrics = _metrics(trainer, method, result, eval_metrics, launch, sharding, resume, guard, started)
     record = write_stage_outputs(recipe, out, data.manifest, metrics, history)
     log.info(
         "%s stage %s done: loss %.3f -> %.3f, %.1fs -> %s",
