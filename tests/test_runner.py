@@ -40,6 +40,11 @@ def _recipe(name: str, root: Path, out: str, **training):
     return make_recipe(data)
 
 
+def _losses(folder: Path) -> list[tuple[int, float]]:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return [(r["step"], r["loss"]) for r in rows if "loss" in r]
+
+
 def _adapter(folder: Path) -> dict:
     return load_file(folder / "adapter" / "adapter_model.safetensors")
 
@@ -78,6 +83,8 @@ def test_dpo_stopped_by_sigterm_resumes_to_the_same_adapter(sft_parent, monkeypa
     assert resumed["metrics"]["resumed_from"].endswith("checkpoint-3")
     a, b = _adapter(sft_parent / "dpo_full"), _adapter(sft_parent / "dpo_cut")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The resumed process trained steps 4-5 only: the log holds each step once, with the uninterrupted losses.
+    assert _losses(sft_parent / "dpo_cut") == _losses(sft_parent / "dpo_full")
 
 
 def _nan_at(monkeypatch, bad_step: int, seen: dict):
