@@ -20,7 +20,7 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS ?=
 
-.PHONY: install install-export merge export eval demo demo-fast test test-fast test-slow test-dist test-gpu lint format docs constraints bench bench-gpu install-gpu lm-eval \
+.PHONY: install install-export merge export eval demo demo-fast test test-fast test-slow test-dist test-gpu lint format docs constraints bench bench-gpu install-gpu lm-eval gpu-wheels gpu-evidence gpu-evidence-rehearsal \
         data-stage1 data-stage2 train-stage1 train-stage2 train clean
 
 install: $(VENV)/.installed
@@ -121,6 +121,19 @@ $(VENV)/.installed-gpu: $(VENV)/.installed
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.data_prep_bench
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.train_bench
+
+# GPU evidence in one command for a short lent GPU window (bench/gpu_evidence.py says what runs and the budgets):
+#   here:  make gpu-wheels            the wheels the GPU image lacks -> .cache/gpu-wheels (57.5 MiB, carried)
+#   there: make gpu-evidence          no .venv, no registry: the image's python3 + the carried wheels; results in $$OUT
+#   here:  make gpu-evidence-rehearsal   the same script on this CPU with the tiny shape (a test runs it too)
+gpu-wheels: install
+	$(BIN)/python -m bench.gpu_evidence wheels
+
+gpu-evidence:
+	python3 -m bench.gpu_evidence run --out $(or $(OUT),bench/results/gpu-evidence)
+
+gpu-evidence-rehearsal: install
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.gpu_evidence run --rehearse --out outputs/gpu-evidence-rehearsal
 
 # make bench-gpu [ARGS="--shapes qwen2.5-7b --skip-cap"]: QLoRA 7B/32B-shaped, random weights, vs a plain
 # Transformers+PEFT+bitsandbytes baseline in the same job; writes bench/results/<date>-<gpu>.json/.md.

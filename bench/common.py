@@ -20,16 +20,18 @@ def machine() -> str:
     return f"cpu{os.cpu_count()}-{platform.machine()}"
 
 
-def write_results(section: str, rows: list[dict], notes: str) -> Path:
-    """Merge one section into bench/results/<date>-<machine>.json and rewrite the markdown next to it."""
-    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+def write_results(section: str, rows: list[dict], notes: str, results_dir: Path | None = None) -> Path:
+    """Merge one section into <results_dir>/<date>-<machine>.json (default bench/results/) and rewrite the
+    markdown next to it."""
+    results_dir = Path(results_dir or RESULTS_DIR)
+    results_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{time.strftime('%Y-%m-%d')}-{machine()}"
-    path = RESULTS_DIR / f"{stem}.json"
+    path = results_dir / f"{stem}.json"
     data = json.loads(path.read_text()) if path.is_file() else {"machine": machine(), "sections": {}}
     data["torch"] = torch.__version__
     data["sections"][section] = {"rows": rows, "notes": notes, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    (RESULTS_DIR / f"{stem}.md").write_text(to_markdown(data))
+    (results_dir / f"{stem}.md").write_text(to_markdown(data))
     return path
 
 

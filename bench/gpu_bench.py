@@ -464,18 +464,31 @@ def _child(spec: dict, timeout: int) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def variants(shape: str) -> list[dict]:
+VARIANTS = {  # name -> what the child runs
+    "baseline": {"path": BASELINE},
+    "ours": {"path": OURS, "attn": "sdpa_packed", "liger": False},
+    "ours+liger": {"path": OURS, "attn": "sdpa_packed", "liger": True},
+    "ours-sdpa+liger": {"path": OURS, "attn": "sdpa", "liger": True},
+    "ours-flex+liger": {"path": OURS, "attn": "flex_attention", "liger": True},
+    "ours-flash+liger": {"path": OURS, "attn": "flash_attention_2", "liger": True},
+}
+
+
+def variants(shape: str, names: list[str] | None = None) -> list[dict]:
+    """The named variants, or the default set: baseline, ours with and without Liger, and on the 7B shape
+    the attention kernels for packed rows (stock sdpa, flex, flash-attn where installed)."""
     import importlib.util
 
-    out = [
-        {"path": BASELINE},
-        {"path": OURS, "attn": "sdpa_packed", "liger": False},
-        {"path": OURS, "attn": "sdpa_packed", "liger": True},
-    ]
+    if names:
+        unknown = [n for n in names if n not in VARIANTS]
+        if unknown:
+            raise SystemExit(f"unknown variant(s) {unknown}; choose from {', '.join(VARIANTS)}")
+        return [VARIANTS[n] for n in names]
+    out = [VARIANTS["baseline"], VARIANTS["ours"], VARIANTS["ours+liger"]]
     if shape != "qwen2.5-32b":  # the attention comparison once, on the 7B shape
-        out.append({"path": OURS, "attn": "sdpa", "liger": True})
+        out += [VARIANTS["ours-flex+liger"], VARIANTS["ours-sdpa+liger"]]
         if importlib.util.find_spec("flash_attn") is not None:
-            out.append({"path": OURS, "attn": "flash_attention_2", "liger": True})
+            out.append(VARIANTS["ours-flash+liger"])
     return out
 
 
@@ -526,6 +539,10 @@ def main() -> None:
     parser.add_argument("--only-cap", action="store_true")
     parser.add_argument("--peak-tflops", type=float, default=None)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per child process")
+    parser.add_argument("--variants", help=f"comma list of {', '.join(VARIANTS)} (default: a set per shape)")
+    parser.add_argument("--results-dir", help="where the results files go (default bench/results/)")
+    parser.add_argument("--allow-cpu", action="store_true", help="rehearse on a CPU (tiny shape; no figures)")
+    parser.add_argument("--label", help="results section name instead of the shape's (rehearsals of both parts)")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
@@ -538,9 +555,10 @@ def main() -> None:
 
     from bench.common import write_results
 
-    if not torch.cuda.is_available():
+    if not torch.cuda.is_available() and not args.allow_cpu:
         raise SystemExit("make bench-gpu needs a CUDA GPU; `make bench` is the CPU benchmark")
-    device = torch.cuda.get_device_name(0)
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (rehearsal)"
+    names = args.variants.split(",") if args.variants else None
     shapes = args.shapes.split(",")
     common = {"tokens": args.tokens, "steps": args.steps, "warmup": args.warmup, "peak_tflops": args.peak_tflops}
     if not args.only_cap:
@@ -548,30 +566,22 @@ def main() -> None:
             runs = []
             for distribution in args.distributions.split(",")[: None if i == 0 else 1]:
                 for _ in range(args.rounds):  # alternated, so drift hits every variant alike
-                    for variant in variants(shape):
+                    for variant in variants(shape, names):
                         result = _child(
                             {**common, **variant, "shape": shape, "distribution": distribution}, args.timeout
                         )
                         if result:
                             runs.append(result)
                             sys.stdout.write(json.dumps(result) + "\n")
-            write_results(
-                f"gpu_train_{shape}",
-                summarize(runs),
-                (
-                    f"{device}, torch {torch.__version__}. QLoRA (NF4, double quant, bf16 compute, LoRA r=16 on q,k,v,o,"
-                    f"gate,up,down) of a {shape}-shaped Qwen2 with random weights; {args.tokens} real tokens per "
-                    f"micro-batch, gradient checkpointing on both sides, {args.steps} steps of which {args.warmup} "
-                    f"warm-up, median over {args.rounds} alternated rounds. baseline = prepare_model_for_kbit_training + "
-                    "get_peft_model + Trainer, padding to the longest row, sdpa; ours = recipes/stage1_medical.yaml through "
-                    "StageSFTTrainer, padding-free packing. MFU formula in bench/gpu_bench.py (LoRA = 2/3 of 6N plus "
-                    "causal attention). peak_gb = torch.cuda.max_memory_allocated during training, weights included."
-                ),
-            )
+                            sys.stdout.flush()
+                            # after every child: a run stopped by its time budget keeps what it measured
+                            _write_train(shape, runs, device, args)
+
     if not args.skip_cap:
         caps = []
         lengths = args.cap_lengths.split(",")
-        for variant in ({"path": OURS, "attn": "sdpa_packed", "liger": True}, {"path": BASELINE}):
+        cap_variants = variants(shapes[-1], names) if names else [VARIANTS["ours+liger"], VARIANTS["baseline"]]
+        for variant in cap_variants:
             result = _child(
                 {**variant, "mode": "cap", "shape": shapes[-1], "cap_gib": args.cap_gib, "lengths": lengths},
                 args.timeout,
@@ -579,15 +589,40 @@ def main() -> None:
             if result:
                 caps.append(result)
                 sys.stdout.write(json.dumps(result) + "\n")
-        write_results(
-            "gpu_longest_sequence_24gb",
-            caps,
-            (
-                f"Longest single sequence that trains (2 optimizer steps) for the {shapes[-1]} shape with PyTorch's "
-                f"allocator capped at {args.cap_gib - 1:.0f} GiB on {device} (a {args.cap_gib:.0f} GB card minus 1 GiB "
-                "for the CUDA context): a simulation of an RTX 4090, not a measurement on one."
-            ),
-        )
+                sys.stdout.flush()
+                write_results(
+                    "gpu_longest_sequence_24gb",
+                    caps,
+                    (
+                        f"Longest single sequence that trains (2 optimizer steps) for the {shapes[-1]} shape with "
+                        f"PyTorch's allocator capped at {args.cap_gib - 1:.0f} GiB on {device} (a {args.cap_gib:.0f} "
+                        "GB card minus 1 GiB for the CUDA context): a simulation of an RTX 4090, not a measurement "
+                        "on one."
+                    ),
+                    results_dir=args.results_dir,
+                )
+
+
+def _write_train(shape: str, runs: list[dict], device: str, args) -> None:
+    import torch
+
+    from bench.common import write_results
+
+    write_results(
+        f"gpu_train_{args.label or shape}",
+        summarize(runs),
+        (
+            f"{device}, torch {torch.__version__}. QLoRA (NF4, double quant, bf16 compute, LoRA r=16 on q,k,v,o,"
+            f"gate,up,down) of a {shape}-shaped Qwen2 with random weights; {args.tokens} real tokens per "
+            f"micro-batch, gradient checkpointing on both sides, {args.steps} steps of which {args.warmup} "
+            f"warm-up, median over {args.rounds} alternated rounds. baseline = prepare_model_for_kbit_training + "
+            "get_peft_model + Trainer, padding to the longest row, sdpa; ours = recipes/stage1_medical.yaml through "
+            "StageSFTTrainer, padding-free packing (attn: sdpa_packed = SDPA per sequence, flex_attention = "
+            "compiled flex attention with a document mask). MFU formula in bench/gpu_bench.py (LoRA = 2/3 of 6N "
+            "plus causal attention). peak_gb = torch.cuda.max_memory_allocated during training, weights included."
+        ),
+        results_dir=args.results_dir,
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """GPU tier (`make test-gpu`, on a machine with CUDA): the shipped GPU settings on the tiny model.
 
-- packed attention is exact on the GPU kernels too (sdpa_packed, stock sdpa, flash-attn where installed);
+- packed attention is exact on the GPU kernels too (sdpa_packed, stock sdpa, flex attention, flash-attn where
+  installed), and flex attention's gradients equal sdpa_packed's;
 - Liger's fused kernels give the loss the plain path gives, and QLoRA with them trains;
 - the GPU benchmark harness reads the CUDA allocator.
 """
@@ -22,7 +23,9 @@ from train.models.loading import load_model_for_training, load_tokenizer, peft_l
 
 pytestmark = pytest.mark.gpu
 
-ATTENTIONS = ["sdpa", "sdpa_packed"] + (["flash_attention_2"] if importlib.util.find_spec("flash_attn") else [])
+ATTENTIONS = ["sdpa", "sdpa_packed", "flex_attention"] + (
+    ["flash_attention_2"] if importlib.util.find_spec("flash_attn") else []
+)
 
 
 def _to_cuda(batch: dict) -> dict:
@@ -64,6 +67,41 @@ def test_packed_equals_unpacked_on_gpu(gpu_stage1, tiny_dir, tmp_path, attention
     worst = max(float((logits[True][k] - logits[False][k]).abs().max()) for k in logits[True])
     scale = max(float(v.abs().max()) for v in logits[False].values())
     assert worst < 0.02 * scale, f"{attention}: packed vs padded max logit diff {worst} (max logit {scale})"
+
+
+def test_flex_attention_gradients_equal_sdpa_packed(tiny_dir):
+    """The CUDA kernel for packed rows trains like the per-sequence loop (CPU has no flex backward)."""
+    from transformers import AutoModelForCausalLM
+
+    import train.models.attention  # noqa: F401
+
+    torch.manual_seed(0)
+    lengths = [250, 200, 150]
+    ids = torch.randint(10, 2000, (1, sum(lengths)), device="cuda")
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).cuda()
+    cuts = torch.tensor([0, 250, 450, 600], dtype=torch.int32, device="cuda")
+    grads, losses = {}, {}
+    for attention in ("sdpa_packed", "flex_attention"):
+        model = AutoModelForCausalLM.from_pretrained(
+            tiny_dir, dtype=torch.float32, attn_implementation=attention, device_map={"": 0}
+        )
+        extra = {"cu_seq_lens_q": cuts, "cu_seq_lens_k": cuts, "max_length_q": 250, "max_length_k": 250}
+        out = model(
+            input_ids=ids,
+            position_ids=positions,
+            labels=ids,
+            use_cache=False,
+            **(extra if attention == "sdpa_packed" else {}),
+        )
+        out.loss.backward()
+        losses[attention] = float(out.loss)
+        grads[attention] = {n: p.grad.float().cpu() for n, p in model.named_parameters() if p.grad is not None}
+    assert abs(losses["flex_attention"] - losses["sdpa_packed"]) < 1e-4, losses
+    worst = max(
+        float((grads["flex_attention"][n] - g).abs().max() / (g.abs().max() + 1e-12))
+        for n, g in grads["sdpa_packed"].items()
+    )
+    assert worst < 1e-3, f"flex vs sdpa_packed gradients differ by {worst:.2e} (relative)"
 
 
 def test_liger_loss_equals_the_plain_loss(gpu_stage1, tmp_path):

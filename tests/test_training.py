@@ -233,3 +233,33 @@ def test_sdpa_packed_reads_the_boundaries_once_per_batch_not_per_layer():
     kv2[:, :, 3:] = 1
     again = packed_sdpa_forward(module, q2, kv2, kv2, None, cu_seq_lens_q=first)[0]
     assert torch.allclose(again[:, :3], outs[0][:, :3])
+
+
+def test_flex_attention_masks_packed_sequences_like_sdpa_packed(tiny_dir, stage1_dict):
+    """The CUDA kernel option for packed rows: transformers' flex attention builds a per-sequence mask from
+    position_ids. Forward logits equal sdpa_packed's here (PyTorch has no flex backward on CPU: gradients
+    are compared in the GPU tier), and training with it on a CPU is refused at start-up."""
+    from transformers import AutoModelForCausalLM
+
+    from train.core.errors import UserError
+
+    torch.manual_seed(0)
+    lengths = [25, 20, 15]
+    ids = torch.randint(10, 2000, (1, sum(lengths)))
+    positions = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    cuts = torch.tensor([0, 25, 45, 60], dtype=torch.int32)
+    logits = {}
+    for attention in ("sdpa_packed", "flex_attention"):
+        model = AutoModelForCausalLM.from_pretrained(tiny_dir, dtype=torch.float32, attn_implementation=attention)
+        kwargs = {"cu_seq_lens_q": cuts, "cu_seq_lens_k": cuts, "max_length_q": 25, "max_length_k": 25}
+        with torch.no_grad():
+            logits[attention] = model(
+                input_ids=ids, position_ids=positions, use_cache=False, **(kwargs if attention == "sdpa_packed" else {})
+            ).logits
+    with torch.no_grad():
+        alone = model(input_ids=ids[:, 25:45], use_cache=False).logits  # the second sequence by itself
+    assert float((logits["flex_attention"] - logits["sdpa_packed"]).abs().max()) < 1e-4
+    assert float((logits["flex_attention"][:, 25:45] - alone).abs().max()) < 1e-4  # no attention across sequences
+    stage1_dict["model"]["attn_implementation"] = "flex_attention"
+    with pytest.raises(UserError, match="flex_attention trains on a CUDA GPU only"):
+        load_model_for_training(make_recipe(stage1_dict))

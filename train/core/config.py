@@ -57,11 +57,15 @@ class ModelConfig:
         default="uint8",
         metadata={"help": "Storage dtype of 4-bit weights; FSDP needs it equal to `dtype` to shard them."},
     )
-    attn_implementation: Literal["sdpa_packed", "sdpa", "eager", "flash_attention_2", "flash_attention_3"] = field(
+    attn_implementation: Literal[
+        "sdpa_packed", "flex_attention", "sdpa", "eager", "flash_attention_2", "flash_attention_3"
+    ] = field(
         default="sdpa_packed",
         metadata={
             "help": "Attention kernel. 'sdpa_packed' = PyTorch SDPA per packed sequence (train/models/attention.py; "
-            "runs anywhere); flash_attention_* need a GPU and flash-attn."
+            "runs anywhere); 'flex_attention' = PyTorch's compiled flex attention with a per-sequence (document) "
+            "mask for packed rows (trains on CUDA only: PyTorch has no flex backward on CPU); flash_attention_* "
+            "need a GPU and flash-attn."
         },
     )
     gradient_checkpointing: bool = field(default=True, metadata={"help": "Recompute activations to save memory."})

@@ -94,6 +94,11 @@ def check_kernels(model_cfg: ModelConfig) -> None:
         and importlib.util.find_spec("flash_attn_interface") is None
     ):
         raise UserError("model.attn_implementation=flash_attention_3 needs the flash-attn 3 (hopper) build; use sdpa")
+    if model_cfg.attn_implementation == "flex_attention" and not torch.cuda.is_available():
+        raise UserError(
+            "model.attn_implementation=flex_attention trains on a CUDA GPU only (PyTorch has no flex attention "
+            "backward on CPU); use sdpa_packed here"
+        )
     if model_cfg.use_liger:
         if not torch.cuda.is_available():
             raise UserError("model.use_liger=true needs a GPU (Liger's Triton kernels); set model.use_liger: false")
