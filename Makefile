@@ -152,7 +152,7 @@ format: install
 
 # Generated documentation: the recipe reference comes from the config dataclasses (a test keeps it equal).
 docs: install
-	$(BIN)/python -m train recipe-help --markdown > docs/recipe-reference.md
+	$(BIN)/python -m train recipe-help --markdown > docs/recipe-reference.md.new && mv docs/recipe-reference.md.new docs/recipe-reference.md
 
 constraints: install
 	{ head -n 2 constraints.txt; $(BIN)/pip freeze --exclude-editable | grep -vE '^(torch|nvidia|triton)'; echo "torch==$(TORCH_VERSION)"; } > constraints.new && mv constraints.new constraints.txt

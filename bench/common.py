@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from train.core.io import atomic_write_text, write_json
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -27,11 +29,14 @@ def write_results(section: str, rows: list[dict], notes: str, results_dir: Path 
     results_dir.mkdir(parents=True, exist_ok=True)
     stem = f"{time.strftime('%Y-%m-%d')}-{machine()}"
     path = results_dir / f"{stem}.json"
-    data = json.loads(path.read_text()) if path.is_file() else {"machine": machine(), "sections": {}}
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):  # none yet (or cut short by a killed run): start the file again
+        data = {"machine": machine(), "sections": {}}
     data["torch"] = torch.__version__
     data["sections"][section] = {"rows": rows, "notes": notes, "measured_at": time.strftime("%Y-%m-%dT%H:%M:%S")}
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-    (results_dir / f"{stem}.md").write_text(to_markdown(data))
+    write_json(path, data)  # atomic: a benchmark killed at its time budget never leaves half a file
+    atomic_write_text(results_dir / f"{stem}.md", to_markdown(data))
     return path
 
 

@@ -12,7 +12,7 @@ with --no-index. Parts, in order, each in its own process group killed at its bu
     env        install the carried wheels (pip --target, first on PYTHONPATH); versions, GPU and driver
     gpu-tier   pytest -m gpu (tests/test_gpu.py), with a junit report gpu_tier.xml
     bench-7b   QLoRA on the Qwen2.5-7B shape: baseline vs ours (sdpa_packed with and without Liger, flex
-               attention, stock sdpa), alternated rounds
+               attention), alternated rounds
     bench-32b  one round of ours (and the baseline if time remains) on the 32B shape
     cap-24gb   the longest trainable 32B sequence with the allocator capped at 23 GiB (a 4090 simulation)
 
@@ -149,13 +149,15 @@ def run_part(name: str, cmd: list[str], out: Path, budget: float, env: dict | No
     return {"part": name, "status": status, "seconds": seconds, "budget_s": budget, "output_tail": text[-1500:]}
 
 
-def environment(out: Path, rehearse: bool) -> dict:
-    """Install the carried wheels (not when rehearsing) and record what the machine has."""
-    result: dict = {"python": platform.python_version(), "rehearsal": rehearse}
+def environment(out: Path, rehearse: bool, budget: float) -> dict:
+    """Install the carried wheels (not when rehearsing) and record what the machine has; `problems` lists
+    what went wrong (the part's status says so)."""
+    result: dict = {"python": platform.python_version(), "rehearsal": rehearse, "problems": []}
     if not rehearse:
         wheels = sorted(str(p) for p in WHEELS.glob("*.whl"))
         if not wheels:
             result["install"] = f"no wheels in {WHEELS}: run `make gpu-wheels` here and carry .cache/gpu-wheels"
+            result["problems"].append("install")
         else:
             cmd = [
                 sys.executable,
@@ -172,8 +174,13 @@ def environment(out: Path, rehearse: bool) -> dict:
                 str(SITE),
                 *wheels,
             ]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            result["install"] = "ok" if proc.returncode == 0 else proc.stderr[-2000:]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=budget)
+                result["install"] = "ok" if proc.returncode == 0 else proc.stderr[-2000:]
+            except subprocess.TimeoutExpired:
+                result["install"] = f"pip install took longer than {budget:.0f} s"
+            if result["install"] != "ok":
+                result["problems"].append("install")
             # every later process (pytest, the benchmark and its children) sees the carried versions first
             os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(SITE), os.environ.get("PYTHONPATH")]))
     probe = (
@@ -184,8 +191,13 @@ def environment(out: Path, rehearse: bool) -> dict:
         "'device': torch.cuda.get_device_name(0) if torch.cuda.is_available() else 'cpu', "
         "'torch_cuda': torch.version.cuda}))"
     )
-    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
-    result.update(json.loads(proc.stdout) if proc.returncode == 0 else {"probe_error": proc.stderr[-2000:]})
+    try:
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=budget)
+        result.update(json.loads(proc.stdout) if proc.returncode == 0 else {"probe_error": proc.stderr[-2000:]})
+    except subprocess.TimeoutExpired:
+        result["probe_error"] = f"no answer within {budget:.0f} s"
+    if "probe_error" in result:
+        result["problems"].append("probe")
     smi = shutil.which("nvidia-smi")
     if smi:
         result["nvidia_smi"] = subprocess.run(
@@ -273,6 +285,8 @@ def plan(out: Path, rehearse: bool) -> list[tuple[str, list[str], dict]]:
                 "medical_reasoning",
                 "--rounds",
                 "2",
+                "--variants",
+                "baseline,ours+liger,ours,ours-flex+liger",  # most telling first: a budget cuts the end
                 "--skip-cap",
                 "--timeout",
                 "150",
@@ -293,7 +307,7 @@ def plan(out: Path, rehearse: bool) -> list[tuple[str, list[str], dict]]:
                 "ours+liger,baseline",
                 "--skip-cap",
                 "--timeout",
-                "150",
+                "100",
             ],
             {},
         ),
@@ -322,8 +336,9 @@ def run(out: Path, rehearse: bool, budgets: dict[str, float]) -> dict:
     started = time.monotonic()
     summary: dict = {"rehearsal": rehearse, "budgets_s": budgets, "parts": []}
     env_started = time.monotonic()
-    summary["environment"] = environment(out, rehearse)
-    summary["parts"].append({"part": "env", "status": "ok", "seconds": round(time.monotonic() - env_started, 1)})
+    summary["environment"] = env = environment(out, rehearse, budgets["env"])
+    status = "ok" if not env["problems"] else f"problems: {', '.join(env['problems'])} (see environment)"
+    summary["parts"].append({"part": "env", "status": status, "seconds": round(time.monotonic() - env_started, 1)})
     if not rehearse and not summary["environment"].get("cuda"):
         summary["parts"].append({"part": "all", "status": "no CUDA GPU visible: nothing measured"})
     else:

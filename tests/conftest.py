@@ -81,3 +81,12 @@ def train_tiny_stage(
     data["data"].update(processed_dir=str(data_dir), max_length=256)
     data["training"].update({"save_steps": 1000, **training})
     return run_sft(make_recipe(data))
+
+
+def child_recipe(name: str, root: Path, out: str | None = None, **training):
+    """A shipped tiny recipe (reward, dpo, grpo, ...) continuing from the SFT stage in `root / "sft"`."""
+    data = copy.deepcopy(recipe_dict(name))
+    data.update(output_dir=str(root / (out or name)), parent=str(root / "sft"))
+    data["data"]["processed_dir"] = str(root / f"{name}_data")
+    data["training"].update(training)
+    return make_recipe(data)

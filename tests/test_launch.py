@@ -112,8 +112,19 @@ def test_check_launch_refuses_before_any_rank_starts(stage1_dict, tmp_path, caps
     cases = [
         (["--strategy", "ddp", "--processes", "2"], "is missing; run `python -m data_prep"),
         (["training.global_batch_size=6", "--strategy", "ddp", "--processes", "4"], "not a multiple of"),
-        (["training.report_to=[wandb_typo]", "--strategy", "ddp", "--processes", "2", "--config-file",
-          "accelerate_configs/ddp.yaml"], "unknown backend 'wandb_typo'"),
+        (
+            [
+                "training.report_to=[wandb_typo]",
+                "--strategy",
+                "ddp",
+                "--processes",
+                "2",
+                "--config-file",
+                "accelerate_configs/ddp.yaml",
+            ],
+            "unknown backend 'wandb_typo'",
+        ),
+        (["method=dpo", "--strategy", "ddp", "--processes", "2"], "launch `accelerate launch ... -m train dpo"),
     ]
     for args, message in cases:
         with pytest.raises(SystemExit) as exit_info:

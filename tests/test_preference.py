@@ -7,7 +7,7 @@ import json
 
 import pytest
 import yaml
-from conftest import REPO, make_recipe, train_tiny_stage, write_jsonl
+from conftest import REPO, child_recipe, make_recipe, train_tiny_stage, write_jsonl
 
 from train.core.errors import UserError
 from train.methods.preference import run_preference
@@ -24,11 +24,7 @@ def sft_parent(tmp_path_factory):
 
 
 def _recipe(name: str, root, **training):
-    data = yaml.safe_load((REPO / "recipes" / "tiny" / f"{name}.yaml").read_text(encoding="utf-8"))
-    data.update(output_dir=str(root / name), parent=str(root / "sft"))
-    data["data"]["processed_dir"] = str(root / f"{name}_data")
-    data["training"].update(training)
-    return make_recipe(data)
+    return child_recipe(name, root, **training)
 
 
 def test_reward_functions():

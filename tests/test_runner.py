@@ -10,8 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
-from conftest import REPO, make_recipe, train_tiny_stage
+from conftest import child_recipe, make_recipe, train_tiny_stage
 from safetensors.torch import load_file
 from transformers import TrainerCallback
 
@@ -33,11 +32,7 @@ def sft_parent(tmp_path_factory):
 
 
 def _recipe(name: str, root: Path, out: str, **training):
-    data = yaml.safe_load((REPO / "recipes" / "tiny" / f"{name}.yaml").read_text(encoding="utf-8"))
-    data.update(output_dir=str(root / out), parent=str(root / "sft"))
-    data["data"]["processed_dir"] = str(root / f"{name}_data")
-    data["training"].update({"logging_steps": 1, "save_steps": 1000, **training})
-    return make_recipe(data)
+    return child_recipe(name, root, out, **{"logging_steps": 1, "save_steps": 1000, **training})
 
 
 def _losses(folder: Path) -> list[tuple[int, float]]:

@@ -139,6 +139,8 @@ def run_demo(out: str | Path = "outputs/demo", fast: bool = False) -> dict:
     for name, recipe_path in STAGES:
         recipe = load_recipe(recipe_path, _stage_overrides(name, out, parent, fast))
         record = run_sft(recipe)
+        if record.get("status") == "interrupted":  # Ctrl-C / SIGTERM: the stage saved a checkpoint and said so
+            raise SystemExit(f"demo interrupted during {name}; run `make demo` again to start over")
         metrics = record["metrics"]
         summary["stages"][name] = {
             **{k: metrics[k] for k in SUMMARY_KEYS},

@@ -13,6 +13,7 @@
     python -m train demo [--fast]                          the whole pipeline on the embedded tiny model
     python -m train build-tiny                             build (or find) the embedded tiny model
     python -m train pick-strategy RECIPE --gpus N          STRATEGY=auto: which accelerate config to use
+    python -m train check-launch RECIPE --strategy S --processes N   start-up checks once, before a launch
     python -m train recipe-help [SECTION]                  every recipe field: type, default, help
 
 Each module here registers its commands (a `Command`: name, help, arguments, run function).

@@ -52,6 +52,7 @@ def _generate(args) -> None:
         do_sample=args.do_sample,
         **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in DECODING_FLAGS},
     )
+    decoding.validate("generate")
     prompts, candidates = generate_candidates(args.target, questions, decoding, args.batch_size)
     lines = [
         {"question": q, "prompt": p, "completions": [{"text": t, "logprob": round(lp, 4)} for t, lp in c]}

@@ -51,7 +51,7 @@ def _pick_strategy(args) -> None:
 def _check_launch_arguments(p) -> None:
     p.add_argument("recipe")
     p.add_argument("overrides", nargs="*", help="section.key=value, as given to the launched command")
-    p.add_argument("--strategy", required=True, help="ddp, fsdp, zero2, zero3, zero3_offload")
+    p.add_argument("--strategy", required=True, choices=["ddp", "fsdp", "zero2", "zero3", "zero3_offload"])
     p.add_argument("--processes", type=int, required=True, help="processes the launch will start (GPUS x NODES)")
     p.add_argument("--config-file", help="the accelerate config the launch will use (its mixed_precision is checked)")
 
@@ -66,7 +66,9 @@ def _check_launch(args) -> None:
     recipe = load_recipe(args.recipe, args.overrides)
     precision = None
     if args.config_file:
-        precision = str((yaml.safe_load(open(args.config_file, encoding="utf-8")) or {}).get("mixed_precision", "no"))
+        with open(args.config_file, encoding="utf-8") as f:
+            value = (yaml.safe_load(f) or {}).get("mixed_precision", "no")
+        precision = "no" if value in (False, None) else str(value)  # YAML reads an unquoted `no` as False
     strategy = "single" if args.strategy == "ddp" and args.processes == 1 else args.strategy.replace("_offload", "")
     preflight(recipe, Launch(strategy, args.processes), precision)
     sys.stderr.write(f"check-launch: {args.recipe} is ready for {args.strategy} on {args.processes} process(es)\n")

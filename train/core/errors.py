@@ -18,8 +18,9 @@ class UserError(Exception):
 def cli_guard(main: Callable[..., T]) -> Callable[..., T]:
     """Turn a `UserError` into `error: <message>` on stderr and exit 2.
 
-    Under a distributed launch every rank hits the same error; only global rank 0 prints it, so the
-    user reads it once. Set TRAIN_DEBUG=1 to see the full traceback instead.
+    Under a distributed launch every rank hits the same error; only the first rank of each node prints
+    it, so the user reads it once per machine (a check that fails on one node only is still seen).
+    Set TRAIN_DEBUG=1 to see the full traceback instead.
     """
 
     @functools.wraps(main)
@@ -29,7 +30,7 @@ def cli_guard(main: Callable[..., T]) -> Callable[..., T]:
         except UserError as err:
             if os.environ.get("TRAIN_DEBUG"):
                 raise
-            if os.environ.get("RANK", "0") == "0":
+            if os.environ.get("LOCAL_RANK", "0") == "0":
                 sys.stderr.write(f"error: {err}\n")
             raise SystemExit(2) from None
 

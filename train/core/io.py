@@ -40,6 +40,9 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file owner-only; others read stage.json on a cluster
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -235,7 +235,9 @@ def parse_decoding(spec: str) -> DecodingConfig:
         if not eq:
             raise UserError(f"--decoding {spec}: '{item}' is not key=value")
         values[key.strip()] = yaml.safe_load(value)
-    return build_config(DecodingConfig, values, f"--decoding {spec}")
+    decoding = build_config(DecodingConfig, values, f"--decoding {spec}")
+    decoding.validate(f"--decoding {spec}")
+    return decoding
 
 
 def eval_config_for(spec: str) -> tuple[list[str], EvalConfig]:

@@ -143,6 +143,7 @@ class Preference(Method):
         }
         if recipe.method == "reward":
             lora.task_type = "SEQ_CLS"
+            set_seed(recipe.training.seed)  # the new score head's init, then the LoRA's, independent of earlier steps
             model = _reward_model(recipe, tokenizer)
             set_seed(recipe.training.seed)
             return StageRewardTrainer(

@@ -4,7 +4,7 @@
   size) and renamed to `checkpoint-N` only when complete. Resuming takes the newest checkpoint whose
   listing matches the files on disk, so a save cut short or a truncated file is never chosen.
 - SIGTERM / SIGINT set a flag; at the next optimizer-step boundary every rank agrees, the run saves a
-  full checkpoint and stops; `train sft` then exits 0 saying how to resume.
+  full checkpoint and stops; the stage command (sft, reward, dpo, grpo) then exits 0 saying how to resume.
 - A non-finite loss or gradient before an optimizer step is either skipped (the weights and the
   optimizer state do not change; counted) or aborts the run with a checkpoint of the last good state.
 """

@@ -169,7 +169,7 @@ def _stopped(recipe: Recipe, method: Method, out: Path, trainer, guard, preempti
     }
 
 
-def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = None) -> None:
+def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = None, command: str = "sft") -> None:
     """The start-up checks of `run_stage`, run once before a distributed launch (`make train-*`).
 
     Inside a launch every rank would refuse the same recipe, and the launcher would add its own
@@ -177,6 +177,11 @@ def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = N
     """
     from data_prep.build import processed_state
 
+    if recipe.method != command:
+        raise UserError(
+            f"{recipe.source_path} has method: {recipe.method}, but the launch runs `python -m train {command}`; "
+            f"launch `accelerate launch ... -m train {recipe.method} {recipe.source_path}` instead"
+        )
     check_launch(recipe, launch, launched_precision)
     check_report_to(recipe.training.report_to)
     check_output_dir(Path(recipe.output_dir))
