@@ -361,9 +361,7 @@ def load_processed(recipe: Recipe, tokenizer, allow_build: bool):
     state = processed_state(recipe, tokenizer)
     if state != "fresh":
         if not allow_build:
-            raise UserError(
-                f"processed data in {out} is {state}; run `python -m data_prep {recipe.source_path}` before launching"
-            )
+            raise UserError(f"processed data in {out} is {state}; run `{recipe.command('data_prep')}` before launching")
         log.info("processed data in %s is %s: building it", out, state)
         manifest = build(recipe, tokenizer)
         log.info("\n%s", format_report(manifest))

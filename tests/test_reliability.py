@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -75,23 +76,55 @@ def uninterrupted(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def stopped(uninterrupted):
-    """A run stopped after step 3 of 8: its checkpoint-3 is a real, complete checkpoint."""
+def stopped_run(uninterrupted):
+    """A run stopped after step 3 of 8: its checkpoint-3 is a real, complete checkpoint; and its stderr."""
     root, data = uninterrupted
     out = root / "stopped"
     first = sft(out, data, "training.stop_at_step=3")
     assert first.returncode == 0 and "stopped (training.stop_at_step) at step 3" in first.stderr
     assert (out / "checkpoint-3" / "checkpoint.json").is_file() and not (out / "adapter").exists()
-    return out
+    return out, first.stderr
 
 
-def test_exact_resume_in_a_new_process(uninterrupted, stopped):
+@pytest.fixture(scope="module")
+def stopped(stopped_run):
+    return stopped_run[0]
+
+
+def test_exact_resume_in_a_new_process_with_the_printed_command(uninterrupted, stopped_run):
     root, data = uninterrupted
-    out = stopped
-    second = sft(out, data, "training.resume_from_checkpoint=auto")
+    out, stderr = stopped_run
+    printed = shlex.split(stderr.split("resume with: ")[1].splitlines()[0])
+    # The command as it was run: same recipe and overrides (output_dir!), resumed, without the time box.
+    assert printed[:5] == ["python", "-m", "train", "sft", RECIPE] and f"output_dir={out}" in printed
+    assert "training.resume_from_checkpoint=auto" in printed and not any("stop_at_step" in a for a in printed)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    second = subprocess.run(
+        [sys.executable, *printed[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
     assert second.returncode == 0, second.stderr[-2000:]
     assert step_losses(out) == step_losses(root / "full")  # identical, steps 1-8 (accumulation 2)
     assert same_adapter(out / "adapter", root / "full" / "adapter")
+    full, resumed = (json.loads((d / "stage.json").read_text())["metrics"] for d in (root / "full", out))
+    assert resumed["train_tokens"] == full["train_tokens"] and resumed["token_slots"] == full["token_slots"]
+    assert abs(resumed["train_loss"] - full["train_loss"]) < 1e-5, (resumed["train_loss"], full["train_loss"])
+    # The same command on the finished stage: it says so and trains nothing.
+    checkpoints = sorted(p.name for p in out.glob("checkpoint-*"))
+    again = subprocess.run(
+        [sys.executable, *printed[1:]], cwd=REPO, env=env, capture_output=True, text=True, timeout=600
+    )
+    assert again.returncode == 0 and "is already complete" in again.stderr, again.stderr[-2000:]
+    assert sorted(p.name for p in out.glob("checkpoint-*")) == checkpoints
+    assert step_losses(out) == step_losses(root / "full")
+
+
+def test_stage_json_records_the_accumulation_actually_used(stage1_dict):
+    stage1_dict["training"].update(
+        max_steps=1, per_device_train_batch_size=2, gradient_accumulation_steps=4, global_batch_size=6
+    )
+    record = run_sft(make_recipe(stage1_dict))
+    assert record["metrics"]["gradient_accumulation_steps"] == 3
+    assert record["recipe"]["training"]["gradient_accumulation_steps"] == 3
 
 
 def test_preemption_saves_exits_0_and_resumes_to_the_same_result(uninterrupted):

@@ -474,6 +474,16 @@ class Recipe:
 
     # Filled by load_recipe: where the recipe came from (not a YAML key).
     source_path: str | None = field(default=None, repr=False, metadata={"internal": True})
+    # The command line's `section.key=value` overrides, kept so printed commands (resume, data prep) repeat them.
+    overrides: list[str] = field(default_factory=list, repr=False, metadata={"internal": True})
+
+    def command(self, command: str, *extra: str, drop: tuple[str, ...] = ()) -> str:
+        """`python -m {command} RECIPE` with this run's overrides (`extra` replaces same-key ones, `drop` removes)."""
+        import shlex
+
+        keys = {e.split("=", 1)[0] for e in extra} | set(drop)
+        kept = [o for o in self.overrides if o.split("=", 1)[0] not in keys]
+        return shlex.join(["python", "-m", *command.split(), self.source_path or "RECIPE", *kept, *extra])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -483,6 +493,7 @@ class Recipe:
 def recipe_from_dict(data: dict, origin: str = "<recipe>", overrides: list[str] | None = None) -> Recipe:
     recipe = build_config(Recipe, data, origin, overrides)
     recipe.source_path = origin
+    recipe.overrides = list(overrides or [])
     validate_recipe(recipe)
     return recipe
 
@@ -494,6 +505,7 @@ def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
 def recipe_to_dict(recipe: Recipe) -> dict:
     out = dataclasses.asdict(recipe)
     out.pop("source_path", None)
+    out.pop("overrides", None)
     return out
 
 

@@ -40,6 +40,48 @@ def detect_launch() -> Launch:
     return Launch("ddp" if world > 1 else "single", world)
 
 
+def launcher_prefix() -> list[str]:
+    """`accelerate launch <its options>` (or torchrun's) that started this process, read from the process
+    tree; [] when not launched by one (or when it cannot be read). Printed commands repeat it."""
+    if "LOCAL_RANK" not in os.environ:
+        return []
+    try:
+        import psutil
+
+        parents = [p.cmdline() for p in psutil.Process().parents()[:4]]
+    except Exception:  # noqa: BLE001 - no psutil, or a process we may not read: print without the launcher
+        return []
+    for cmd in parents:
+        joined = " ".join(cmd[:3])
+        if "accelerate" not in joined and "torchrun" not in joined and "torch.distributed.run" not in joined:
+            continue
+        if "-m" in cmd and cmd.index("-m") + 1 < len(cmd) and cmd[cmd.index("-m") + 1] == "train":
+            cut = cmd.index("-m")
+        else:
+            cut = next((i for i, c in enumerate(cmd) if c.endswith("train/__main__.py")), len(cmd))
+        options = cmd[:cut]
+        for i, part in enumerate(options):  # the console script or `python -m accelerate.commands.launch`
+            if part.endswith("/accelerate") or part == "accelerate":
+                return ["accelerate", *options[i + 1 :]]
+            if part == "accelerate.commands.launch":
+                return ["accelerate", "launch", *options[i + 1 :]]
+            if part.endswith("/torchrun") or part == "torchrun" or part == "torch.distributed.run":
+                return ["torchrun", *options[i + 1 :]]
+    return []
+
+
+def stage_command(recipe: Recipe, method: str, *extra: str, drop: tuple[str, ...] = ()) -> str:
+    """The command that runs this stage again as it was run: the launcher (if any), the recipe, the
+    overrides, and `extra` replacing same-key overrides (e.g. training.resume_from_checkpoint=auto)."""
+    import shlex
+
+    prefix = launcher_prefix()
+    command = recipe.command(f"train {method}", *extra, drop=drop)
+    if not prefix:
+        return command
+    return shlex.join(prefix) + " -m " + command.removeprefix("python -m ")
+
+
 def check_launch(recipe: Recipe, launch: Launch, launched_precision: str | None = None) -> None:
     """Combinations that cannot work fail here, at start-up, with the fix."""
     model, training = recipe.model, recipe.training

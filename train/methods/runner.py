@@ -11,6 +11,7 @@ it adds to the metrics, and what else it saves.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -22,7 +23,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from train.core.config import Recipe
+from train.core.config import Recipe, recipe_to_dict
 from train.core.errors import UserError
 from train.core.log import get_logger, is_main_process
 from train.methods.launch import (
@@ -32,6 +33,7 @@ from train.methods.launch import (
     check_sharding,
     detect_launch,
     sharding_in_effect,
+    stage_command,
 )
 from train.methods.record import MetricsLogCallback, losses, write_stage_outputs
 from train.methods.reliability import (
@@ -42,6 +44,7 @@ from train.methods.reliability import (
     lora_parameter_estimate,
     newest_complete_checkpoint,
 )
+from train.methods.trainers import STAGE_STATE
 from train.models.lineage import ADAPTER_DIR, adapter_chain
 from train.models.loading import load_model_config, load_tokenizer
 
@@ -128,6 +131,49 @@ def trim_metrics_log(path: Path, resume: str | None) -> None:
     path.write_text("".join(line + "\n" for line in kept))
 
 
+def mean_logged_loss(history: list[dict]) -> float | None:
+    """The mean step loss of the whole run from its log (each logged loss covers the steps since the last)."""
+    total, steps, last = 0.0, 0, 0
+    for rec in history:
+        if "loss" in rec and "step" in rec and rec["step"] > last:
+            total += rec["loss"] * (rec["step"] - last)
+            steps += rec["step"] - last
+            last = rec["step"]
+    return total / steps if steps else None
+
+
+def _same_run(saved: dict, recipe: Recipe) -> bool:
+    """The saved stage.json recipe is this recipe, apart from how the run was started or stopped."""
+
+    def comparable(d: dict) -> dict:
+        training = {
+            k: v
+            for k, v in d.get("training", {}).items()
+            if k not in ("resume_from_checkpoint", "stop_at_step", "gradient_accumulation_steps")
+        }
+        return {**d, "training": training}
+
+    return comparable(saved) == comparable(recipe_to_dict(recipe))
+
+
+def finished_stage(recipe: Recipe, out: Path) -> dict | None:
+    """The stage record when `resume_from_checkpoint: auto` finds this stage already complete (stage.json of
+    the same recipe, all steps done): resuming would train past the end or redo finished steps."""
+    if recipe.training.resume_from_checkpoint != "auto" or not (out / "stage.json").is_file():
+        return None
+    record = json.loads((out / "stage.json").read_text(encoding="utf-8"))
+    steps = record.get("metrics", {}).get("global_steps") or 0
+    if not _same_run(record.get("recipe", {}), recipe) or 0 < recipe.training.max_steps > steps:
+        return None
+    message = (
+        f"stage {recipe.stage} in {out} is already complete ({steps} steps, stage.json written); nothing to resume"
+    )
+    log.warning(message)
+    if is_main_process():
+        sys.stderr.write(message + "\n")
+    return {**record, "status": "complete"}
+
+
 def save_adapter(trainer, out: Path, tokenizer) -> Path:
     """adapter/ from this run only (an earlier run's is removed first), checked to exist."""
     adapter_dir = out / ADAPTER_DIR
@@ -144,7 +190,10 @@ def save_adapter(trainer, out: Path, tokenizer) -> Path:
 
 def _stopped(recipe: Recipe, method: Method, out: Path, trainer, guard, preemption, stop) -> dict | None:
     """None when training ran to its end; an 'interrupted' record, or a UserError for an abort."""
-    resume_cmd = f"python -m train {method.name} {recipe.source_path} training.resume_from_checkpoint=auto"
+    # The command as it was run, overrides included; a time box (stop_at_step) would stop the resumed run again.
+    resume_cmd = stage_command(
+        recipe, method.name, "training.resume_from_checkpoint=auto", drop=("training.stop_at_step",)
+    )
     if guard.aborted_at is not None:
         raise UserError(
             f"non-finite loss or gradient at step {guard.aborted_at} (training.nonfinite={recipe.training.nonfinite}, "
@@ -192,7 +241,7 @@ def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = N
         if state != "fresh":
             raise UserError(
                 f"processed data in {recipe.data.processed_dir} is {state}; run "
-                f"`python -m data_prep {recipe.source_path}` before launching"
+                f"`{recipe.command('data_prep')}` before launching"
             )
 
 
@@ -203,7 +252,8 @@ def _metrics(
     history = trainer.state.log_history
     curve = losses(history)
     return {
-        "train_loss": result.training_loss,
+        # A resumed process averages only its own steps; the log (restored from the checkpoint) holds all of them.
+        "train_loss": mean_logged_loss(history) if resume else result.training_loss,
         "train_loss_first": curve[0][1] if curve else None,
         "train_loss_last": curve[-1][1] if curve else None,
         "eval_loss": eval_metrics.get("eval_loss"),
@@ -217,6 +267,7 @@ def _metrics(
         "sharding": sharding,
         "resumed_from": resume,
         "nonfinite_skipped_steps": guard.skipped,
+        "gradient_accumulation_steps": trainer.args.gradient_accumulation_steps,
         **method.metrics(trainer, history),
     }
 
@@ -237,6 +288,9 @@ def run_stage(recipe: Recipe, method: Method) -> dict:
     check_launch(recipe, launch)
     check_report_to(recipe.training.report_to)
     resume = resume_point(recipe, out)
+    finished = finished_stage(recipe, out)
+    if finished is not None:
+        return finished
     method.check(recipe)
     set_seed(recipe.training.seed)
     adapter_chain(recipe.parent)  # parent stages present, before any heavy work
@@ -251,6 +305,8 @@ def run_stage(recipe: Recipe, method: Method) -> dict:
     )
     guard = NonFiniteGuard(trainer, recipe.training.nonfinite, recipe.training.max_consecutive_nonfinite)
     trainer.add_callback(guard)
+    if resume and (Path(resume) / STAGE_STATE).is_file():  # tokens seen before the interruption, and so on
+        trainer.load_extra_state(json.loads((Path(resume) / STAGE_STATE).read_text()))
     sharding = sharding_in_effect(trainer)
     check_sharding(launch, sharding)
     log.info(
@@ -276,7 +332,9 @@ def run_stage(recipe: Recipe, method: Method) -> dict:
         method.save_extra(trainer, out, tokenizer)
     history = trainer.state.log_history
     metrics = _metrics(trainer, method, result, eval_metrics, launch, sharding, resume, guard, started)
-    record = write_stage_outputs(recipe, out, data.manifest, metrics, history)
+    # With training.global_batch_size the accumulation was derived: record the value the run used.
+    used = dataclasses.replace(recipe.training, gradient_accumulation_steps=trainer.args.gradient_accumulation_steps)
+    record = write_stage_outputs(dataclasses.replace(recipe, training=used), out, data.manifest, metrics, history)
     log.info(
         "%s stage %s done: loss %.3f -> %.3f, %.1fs -> %s",
         method.name,

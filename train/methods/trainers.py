@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import json
 from pathlib import Path
 
 import torch
@@ -22,6 +23,7 @@ from train.core.config import Recipe
 from train.core.errors import UserError
 from train.methods.reliability import commit_checkpoint, guard_optimizer_step
 
+STAGE_STATE = "stage_state.json"  # in each checkpoint: our counters (tokens seen), restored on resume
 # Settings that would put a secret into saved training args; they come from the environment.
 SECRET_ARGS = {"hub_token", "push_to_hub_token"}
 
@@ -45,6 +47,7 @@ class StageTrainerMixin:
         from transformers.trainer_utils import rotate_checkpoints
 
         step = self.state.global_step
+        extra = self.extra_state()
         run_dir = Path(self._get_output_dir(trial=trial))
         staging, final = run_dir / f"tmp-checkpoint-{step}", run_dir / f"checkpoint-{step}"
         prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
@@ -58,6 +61,7 @@ class StageTrainerMixin:
             if self.state.best_model_checkpoint and Path(self.state.best_model_checkpoint) == staging:
                 self.state.best_model_checkpoint = str(final)
                 self.state.save_to_json(str(staging / "trainer_state.json"))
+            (staging / STAGE_STATE).write_text(json.dumps(extra) + "\n")
             commit_checkpoint(staging, final, step)
             # The Trainer rotated before the rename, not counting this one: rotate again.
             rotate_checkpoints(
@@ -69,6 +73,13 @@ class StageTrainerMixin:
 
     def count_tokens(self, inputs) -> None:
         """Hook for trainers that report padding efficiency."""
+
+    def extra_state(self) -> dict:
+        """State of ours a checkpoint must carry (every rank calls this: it may reduce across ranks)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        """Restore what `extra_state` saved, when resuming."""
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         self.count_tokens(inputs)
@@ -112,6 +123,15 @@ class StageSFTTrainer(StageTrainerMixin, SFTTrainer):
         # Padding-free batches carry no attention_mask: every slot holds a real token.
         self.real_tokens += int(mask.sum()) if mask is not None else input_ids.numel()
         self.token_slots += input_ids.numel()
+
+    def extra_state(self) -> dict:
+        real, slots = self.token_totals()  # over all ranks: a resume may run on another number of them
+        return {"real_tokens": real, "token_slots": slots}
+
+    def load_extra_state(self, state: dict) -> None:
+        first = self.accelerator.is_main_process  # one rank carries the earlier totals; the reduce adds them up
+        self.real_tokens = int(state.get("real_tokens", 0)) if first else 0
+        self.token_slots = int(state.get("token_slots", 0)) if first else 0
 
     def token_totals(self) -> tuple[int, int]:
         """(real tokens, token slots) summed over all processes."""
