@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -240,23 +241,21 @@ def test_preemption_of_one_rank_stops_all_ranks_at_the_same_step(reference):
     step = int(stderr.split("preempted at step ")[1].split(";")[0])
     assert step < 12 and (out / f"checkpoint-{step}" / "checkpoint.json").is_file()
     assert not (out / "adapter").exists()  # rank 0 stopped too: nobody finished the stage
+    # The printed resume command repeats the launcher, its options and every override: run it as printed.
+    printed = shlex.split(stderr.split("resume with: ")[1].splitlines()[0])
+    assert printed[:6] == [
+        "accelerate",
+        "launch",
+        "--config_file",
+        "accelerate_configs/ddp.yaml",
+        "--num_processes",
+        "2",
+    ]
+    assert printed[-1] == "training.resume_from_checkpoint=auto" and f"output_dir={out}" in printed
+    port = printed.index("--main_process_port") + 1
+    printed[port] = str(_free_port())  # the old port may still be in TIME_WAIT
     resumed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            "accelerate_configs/ddp.yaml",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            str(_free_port()),
-            "-m",
-            "train",
-            "sft",
-            *args,
-            "training.resume_from_checkpoint=auto",
-        ],
+        [sys.executable, "-m", "accelerate.commands.launch", *printed[2:]],
         cwd=REPO,
         env=env,
         capture_output=True,

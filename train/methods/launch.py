@@ -55,10 +55,10 @@ def launcher_prefix() -> list[str]:
         joined = " ".join(cmd[:3])
         if "accelerate" not in joined and "torchrun" not in joined and "torch.distributed.run" not in joined:
             continue
-        if "-m" in cmd and cmd.index("-m") + 1 < len(cmd) and cmd[cmd.index("-m") + 1] == "train":
-            cut = cmd.index("-m")
-        else:
-            cut = next((i for i, c in enumerate(cmd) if c.endswith("train/__main__.py")), len(cmd))
+        # where `-m train` (the launched module) starts; a `python -m accelerate.commands.launch` comes before it
+        cut = next((i for i in range(len(cmd) - 1) if cmd[i] == "-m" and cmd[i + 1] == "train"), None)
+        if cut is None:
+            continue
         options = cmd[:cut]
         for i, part in enumerate(options):  # the console script or `python -m accelerate.commands.launch`
             if part.endswith("/accelerate") or part == "accelerate":
