@@ -8,6 +8,7 @@ build with its path.
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -107,16 +108,15 @@ def _iter_file(path: Path, source: str, rejects: list[Reject]) -> Iterator[RawRo
             if len(lists) != 1:
                 raise UserError(f"{path}: expected a JSON list of rows (or one key holding it)")
             data = lists[0]
+        if not isinstance(data, list):
+            raise UserError(f"{path}: expected a JSON list of rows, got a {type(data).__name__}; use .jsonl for rows")
         for index, cells in enumerate(data):
             if not isinstance(cells, dict):
                 rejects.append(Reject(source, f"{path.name}:{index}", "malformed_json", "row is not an object"))
                 continue
             yield RawRow(f"{path.name}:{index}", cells)
     elif suffix == ".csv":
-        lines = _read_text(path, source, rejects)
-        reader = csv.DictReader(line for _, line in lines)
-        for index, cells in enumerate(reader, start=2):
-            yield RawRow(f"{path.name}:{index}", dict(cells))
+        yield from _iter_csv(path, source, rejects)
     elif suffix == ".parquet":
         import pyarrow.parquet as pq
 
@@ -128,6 +128,25 @@ def _iter_file(path: Path, source: str, rejects: list[Reject]) -> Iterator[RawRo
             yield RawRow(f"{path.name}:{index}", cells)
     elif suffix == ".xlsx":
         yield from _iter_xlsx(path)
+
+
+def _iter_csv(path: Path, source: str, rejects: list[Reject]) -> Iterator[RawRow]:
+    """CSV rows with quoted newlines kept inside their field (the csv module reads the whole text, as
+    `newline=""` asks); undecodable lines and unparsable records (a field over the csv module's size limit)
+    become rejects by reason."""
+    text = "\n".join(line for _, line in _read_text(path, source, rejects))
+    reader = csv.DictReader(io.StringIO(text, newline=""))
+    index = 1
+    while True:
+        index += 1
+        try:
+            cells = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as err:
+            rejects.append(Reject(source, f"{path.name}:{index}", "unreadable_csv", f"line {reader.line_num}: {err}"))
+            continue
+        yield RawRow(f"{path.name}:{index}", dict(cells))
 
 
 def _iter_xlsx(path: Path) -> Iterator[RawRow]:

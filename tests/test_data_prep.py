@@ -237,3 +237,27 @@ def test_unreadable_file_fails_with_its_path(tmp_path, tokenizer, name):
     path.write_bytes(b"PK\x03\x04 this is not a real file {")
     with pytest.raises(UserError, match=rf"{name}: (cannot read|not valid JSON)"):
         build(medical_recipe(tmp_path, path), tokenizer)
+
+
+def test_csv_keeps_quoted_newlines_and_rejects_an_oversized_field(tmp_path, tokenizer):
+    import csv
+
+    path = tmp_path / "rows.csv"
+    with open(path, "w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["Question", "Complex_CoT", "Response"])
+        writer.writerow(["Chest pain\nfor two days. Diagnosis?", "Step one.\nStep two.", "Angina."])
+        writer.writerow(["Huge?", "x" * 200_000, "y"])  # over the csv module's field limit
+        writer.writerow(["Cough. Diagnosis?", "Think.", "Bronchitis."])
+    manifest = build(medical_recipe(tmp_path, path), tokenizer)
+    assert manifest["raw_rows"] == {"med": 3} and manifest["rejected"] == {"unreadable_csv": 1}
+    prompts = pq.read_table(tmp_path / "processed" / "train.parquet").to_pydict()
+    first = next(p + c for p, c in zip(prompts["prompt"], prompts["completion"], strict=True) if "Chest" in p)
+    assert "Chest pain\nfor two days" in first and "Step one.\nStep two." in first  # newlines kept, not joined
+
+
+def test_a_json_scalar_is_one_clear_line(tmp_path, tokenizer):
+    path = tmp_path / "rows.json"
+    path.write_text('"just a string"', encoding="utf-8")
+    with pytest.raises(UserError, match=r"rows.json: expected a JSON list of rows, got a str"):
+        build(medical_recipe(tmp_path, path), tokenizer)

@@ -268,3 +268,37 @@ def test_same_seed_same_losses_other_seed_different(stage1_dict, tmp_path):
     first, again, other = losses(1, "a"), losses(1, "b"), losses(2, "c")
     assert first == again
     assert first != other
+
+
+def test_a_damaged_last_line_in_metrics_log_does_not_break_resume(tmp_path):
+    from train.methods.runner import trim_metrics_log
+
+    checkpoint = tmp_path / "checkpoint-3"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 3}))
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    trim_metrics_log(log, str(checkpoint))  # a disk that filled up mid-line, then a resume
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3]
+
+
+def test_parent_merged_is_merged_again_when_the_parent_changes(tmp_path):
+    from conftest import recipe_dict, train_tiny_stage
+
+    from train.models.lineage import adapter_chain
+    from train.models.loading import PARENT_CHAIN, parent_merged_dir
+
+    train_tiny_stage("stage1_medical", tmp_path / "parent", tmp_path / "data1", max_steps=2)
+    child = recipe_dict("stage2_korean")
+    child.update(output_dir=str(tmp_path / "child"), parent=str(tmp_path / "parent"))
+    child["model"]["quantization"] = "nf4"
+    recipe = make_recipe(child)
+    merged = Path(parent_merged_dir(recipe, adapter_chain(recipe.parent)))
+    first = json.loads((merged / PARENT_CHAIN).read_text())["fingerprint"]
+    weights = (merged / "model.safetensors").stat().st_mtime_ns
+    parent_merged_dir(recipe, adapter_chain(recipe.parent))
+    assert (merged / "model.safetensors").stat().st_mtime_ns == weights  # same chain: reused
+    train_tiny_stage("stage1_medical", tmp_path / "parent", tmp_path / "data1", max_steps=2, seed=7)  # retrained
+    parent_merged_dir(recipe, adapter_chain(recipe.parent))
+    assert json.loads((merged / PARENT_CHAIN).read_text())["fingerprint"] != first
+    assert (merged / "model.safetensors").stat().st_mtime_ns != weights

@@ -127,8 +127,16 @@ def trim_metrics_log(path: Path, resume: str | None) -> None:
     if not path.is_file():
         return
     step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
-    kept = [line for line in path.read_text().splitlines() if json.loads(line).get("step", 0) <= step]
-    path.write_text("".join(line + "\n" for line in kept))
+    kept, damaged = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut short (a full disk, a kill mid-write): not a step to keep
+            damaged += 1
+    if damaged:
+        log.warning("%s: dropped %d damaged line(s) while resuming", path, damaged)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
 
 
 def mean_logged_loss(history: list[dict]) -> float | None:

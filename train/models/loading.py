@@ -9,6 +9,7 @@ loads that folder quantized again.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import shutil
 from pathlib import Path
@@ -174,19 +175,49 @@ def load_merged_16bit(base: str, adapters: list[Path], model_cfg: ModelConfig, a
     return model
 
 
+PARENT_CHAIN = "parent_chain.json"
+
+
+def chain_fingerprint(recipe: Recipe, adapters: list[Path]) -> str:
+    """Changes when the base, its dtype or any ancestor's adapter changes (a parent trained again)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([recipe.model.name_or_path, recipe.model.revision, recipe.model.dtype]).encode())
+    if recipe.model.name_or_path == TINY_MODEL:
+        from train.models.tiny import tiny_build_name
+
+        h.update(tiny_build_name().encode())
+    for adapter in adapters:
+        for name in ("adapter_config.json", "adapter_model.safetensors"):
+            with open(adapter / name, "rb") as f:
+                for block in iter(lambda f=f: f.read(1 << 24), b""):
+                    h.update(block)
+    return h.hexdigest()[:16]
+
+
 def parent_merged_dir(recipe: Recipe, adapters: list[Path]) -> str:
-    """The parent chain merged into the 16-bit base, written once to <output_dir>/parent_merged."""
+    """The parent chain merged into the 16-bit base, written to <output_dir>/parent_merged and reused while
+    the chain it was merged from is unchanged (`parent_chain.json` holds its fingerprint)."""
     from accelerate import PartialState
 
     merged_dir = Path(recipe.output_dir) / "parent_merged"
+    marker = merged_dir / PARENT_CHAIN
+    fingerprint = chain_fingerprint(recipe, adapters)
     state = PartialState()
     with state.main_process_first():
-        if state.is_main_process and not (merged_dir / "config.json").is_file():
+        current = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
+        if state.is_main_process and current != fingerprint:
+            if current is not None or merged_dir.exists():
+                log.info("parent_merged in %s is from another parent chain: merging again", merged_dir)
             merged = load_merged_16bit(recipe.model.name_or_path, adapters, recipe.model)
             tmp = merged_dir.with_name("parent_merged.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             merged.save_pretrained(tmp, safe_serialization=True)
             del merged
+            (tmp / PARENT_CHAIN).write_text(
+                json.dumps({"fingerprint": fingerprint, "adapters": [str(a) for a in adapters]}, indent=2) + "\n"
+            )
+            shutil.rmtree(merged_dir, ignore_errors=True)
             tmp.rename(merged_dir)
     return str(merged_dir)
 
