@@ -347,6 +347,16 @@ def processed_state(recipe: Recipe, tokenizer) -> str:
     return "fresh"
 
 
+def require_fresh(recipe: Recipe, tokenizer) -> None:
+    """Refuse, with the command to run, when the processed data is missing or stale."""
+    state = processed_state(recipe, tokenizer)
+    if state != "fresh":
+        raise UserError(
+            f"processed data in {processed_dir(recipe)} is {state}; run `{recipe.command('data_prep')}` before "
+            "launching"
+        )
+
+
 def load_processed(recipe: Recipe, tokenizer, allow_build: bool):
     """The processed train/eval datasets (input_ids + completion_mask) and their manifest.
 
@@ -361,7 +371,7 @@ def load_processed(recipe: Recipe, tokenizer, allow_build: bool):
     state = processed_state(recipe, tokenizer)
     if state != "fresh":
         if not allow_build:
-            raise UserError(f"processed data in {out} is {state}; run `{recipe.command('data_prep')}` before launching")
+            require_fresh(recipe, tokenizer)
         log.info("processed data in %s is %s: building it", out, state)
         manifest = build(recipe, tokenizer)
         log.info("\n%s", format_report(manifest))

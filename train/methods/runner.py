@@ -95,7 +95,7 @@ class StopAtStep(TrainerCallback):
         return control
 
 
-def check_output_dir(out: Path) -> None:
+def check_writable(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
         probe = out / f".write_probe.{os.getpid()}"  # one per process: ranks share the folder
@@ -232,7 +232,7 @@ def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = N
     Inside a launch every rank would refuse the same recipe, and the launcher would add its own
     failure report; here the refusal is one line from one process, before any rank starts.
     """
-    from data_prep.build import processed_state
+    from data_prep.build import require_fresh
 
     if recipe.method != command:
         raise UserError(
@@ -241,16 +241,11 @@ def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = N
         )
     check_launch(recipe, launch, launched_precision)
     check_report_to(recipe.training.report_to)
-    check_output_dir(Path(recipe.output_dir))
+    check_writable(Path(recipe.output_dir))
     resume_point(recipe, Path(recipe.output_dir))
     adapter_chain(recipe.parent)
     if recipe.method == "sft" and launch.world_size > 1:
-        state = processed_state(recipe, load_tokenizer(recipe.model))
-        if state != "fresh":
-            raise UserError(
-                f"processed data in {recipe.data.processed_dir} is {state}; run "
-                f"`{recipe.command('data_prep')}` before launching"
-            )
+        require_fresh(recipe, load_tokenizer(recipe.model))
 
 
 def _metrics(
@@ -291,7 +286,7 @@ def run_stage(recipe: Recipe, method: Method) -> dict:
             f"(or pass method={method.name})"
         )
     out = Path(recipe.output_dir)
-    check_output_dir(out)
+    check_writable(out)
     launch = detect_launch()
     check_launch(recipe, launch)
     check_report_to(recipe.training.report_to)
