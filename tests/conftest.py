@@ -70,7 +70,13 @@ def write_jsonl(path: Path, rows: list) -> Path:
 
 
 def train_tiny_stage(
-    recipe_name: str, out: Path, data_dir: Path, parent: Path | None = None, model: dict | None = None, **training
+    recipe_name: str,
+    out: Path,
+    data_dir: Path,
+    parent: Path | None = None,
+    model: dict | None = None,
+    overwrite: bool = False,
+    **training,
 ) -> dict:
     """Train a shipped tiny recipe briefly into `out` (max_length 256, no intermediate checkpoints)."""
     from train.methods.sft import run_sft
@@ -80,7 +86,7 @@ def train_tiny_stage(
     data["model"].update(model or {})
     data["data"].update(processed_dir=str(data_dir), max_length=256)
     data["training"].update({"save_steps": 1000, **training})
-    return run_sft(make_recipe(data))
+    return run_sft(make_recipe(data), overwrite=overwrite)
 
 
 def child_recipe(name: str, root: Path, out: str | None = None, **training):

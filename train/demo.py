@@ -16,7 +16,10 @@ from pathlib import Path
 
 from train.core.config import load_recipe
 from train.core.io import write_json
+from train.core.log import get_logger
 from train.core.paths import REPO_ROOT
+
+log = get_logger("demo")
 
 STAGES = [
     ("stage1_medical", REPO_ROOT / "recipes/tiny/stage1_medical.yaml"),
@@ -44,6 +47,27 @@ def _stage_overrides(name: str, out: Path, parent: Path | None, fast: bool) -> l
     if parent is not None:
         overrides.append(f"parent={parent}")
     return overrides + (FAST_OVERRIDES if fast else [])
+
+
+def _start_over(stage_dir: Path, name: str) -> None:
+    """The demo starts over each time: its own earlier stage folder (stage.json of this demo stage, or only
+    checkpoints) is removed; anything else there is refused by the runner's output-folder check."""
+    import json
+    import shutil
+
+    if not stage_dir.is_dir():
+        return
+    stage_json = stage_dir / "stage.json"
+    if stage_json.is_file():
+        ours = json.loads(stage_json.read_text(encoding="utf-8")).get("stage") == name
+    else:  # an interrupted demo stage: only what a run writes before stage.json
+        ours = all(
+            p.name.startswith(("checkpoint-", "tmp-checkpoint-", "metrics.jsonl", ".run.lock", "adapter"))
+            for p in stage_dir.iterdir()
+        )
+    if ours:
+        log.info("demo: replacing the earlier demo run in %s", stage_dir)
+        shutil.rmtree(stage_dir)
 
 
 def format_table(summary: dict) -> str:
@@ -138,6 +162,7 @@ def run_demo(out: str | Path = "outputs/demo", fast: bool = False) -> dict:
     parent = None
     for name, recipe_path in STAGES:
         recipe = load_recipe(recipe_path, _stage_overrides(name, out, parent, fast))
+        _start_over(Path(recipe.output_dir), name)
         record = run_sft(recipe)
         if record.get("status") == "interrupted":  # Ctrl-C / SIGTERM: the stage saved a checkpoint and said so
             raise SystemExit(f"demo interrupted during {name}; run `make demo` again to start over")

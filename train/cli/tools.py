@@ -54,6 +54,7 @@ def _check_launch_arguments(p) -> None:
     p.add_argument("--strategy", required=True, choices=["ddp", "fsdp", "zero2", "zero3", "zero3_offload"])
     p.add_argument("--processes", type=int, required=True, help="processes the launch will start (GPUS x NODES)")
     p.add_argument("--config-file", help="the accelerate config the launch will use (its mixed_precision is checked)")
+    p.add_argument("--overwrite", action="store_true", help="as given to the launched command")
 
 
 def _check_launch(args) -> None:
@@ -70,7 +71,7 @@ def _check_launch(args) -> None:
             value = (yaml.safe_load(f) or {}).get("mixed_precision", "no")
         precision = "no" if value in (False, None) else str(value)  # YAML reads an unquoted `no` as False
     strategy = "single" if args.strategy == "ddp" and args.processes == 1 else args.strategy.replace("_offload", "")
-    preflight(recipe, Launch(strategy, args.processes), precision)
+    preflight(recipe, Launch(strategy, args.processes), precision, overwrite=args.overwrite)
     sys.stderr.write(f"check-launch: {args.recipe} is ready for {args.strategy} on {args.processes} process(es)\n")
 
 

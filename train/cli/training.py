@@ -13,11 +13,22 @@ def _recipe_arguments(parser) -> None:
     parser.add_argument("overrides", nargs="*", help="section.key=value, e.g. training.max_steps=20")
 
 
+def _stage_arguments(parser) -> None:
+    _recipe_arguments(parser)
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="start fresh in an output_dir that holds an earlier run: move it aside to <dir>.replaced-<time>",
+    )
+
+
 def _sft(args) -> None:
     from train.core.config import load_recipe
     from train.methods.sft import run_sft
 
-    run_sft(load_recipe(args.recipe, args.overrides))  # logs its progress and where the stage went
+    run_sft(
+        load_recipe(args.recipe, args.overrides), overwrite=args.overwrite
+    )  # logs its progress and where the stage went
 
 
 def _preference(method: str):
@@ -27,7 +38,9 @@ def _preference(method: str):
         from train.methods.runner import run_stage
 
         recipe = load_recipe(args.recipe, args.overrides)
-        record = run_stage(recipe, Preference(method))  # refuses a recipe of another method, with the fix
+        record = run_stage(
+            recipe, Preference(method), overwrite=args.overwrite
+        )  # refuses a recipe of another method, with the fix
         if record.get("status") == "interrupted":
             return
         shown = {k: v for k, v in record["metrics"].items() if isinstance(v, (int, float)) and v is not None}
@@ -46,14 +59,14 @@ def _classify(args) -> None:
 
 
 COMMANDS = [
-    Command("sft", "supervised fine-tuning of one stage", _recipe_arguments, _sft),
+    Command("sft", "supervised fine-tuning of one stage", _stage_arguments, _sft),
     Command(
         "reward",
         "pairwise reward model (TRL RewardTrainer) after an SFT stage",
-        _recipe_arguments,
+        _stage_arguments,
         _preference("reward"),
     ),
-    Command("dpo", "DPO and its variants (TRL DPOTrainer) after an SFT stage", _recipe_arguments, _preference("dpo")),
-    Command("grpo", "GRPO (TRL GRPOTrainer) after an SFT stage", _recipe_arguments, _preference("grpo")),
+    Command("dpo", "DPO and its variants (TRL DPOTrainer) after an SFT stage", _stage_arguments, _preference("dpo")),
+    Command("grpo", "GRPO (TRL GRPOTrainer) after an SFT stage", _stage_arguments, _preference("grpo")),
     Command("classify", "fine-tune an encoder for single- or multi-label classification", _recipe_arguments, _classify),
 ]

@@ -65,7 +65,10 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
-def newest_complete_checkpoint(output_dir: Path) -> Path | None:
+def newest_complete_checkpoint(output_dir: Path, identity: str | None = None) -> Path | None:
+    """The newest checkpoint that is complete and, with `identity`, was written by that run (recipe identity)."""
+    from train.methods.outdir import checkpoint_identity
+
     found = sorted(
         (
             (int(m.group(1)), p)
@@ -75,6 +78,9 @@ def newest_complete_checkpoint(output_dir: Path) -> Path | None:
         reverse=True,
     )
     for _, folder in found:
+        if identity is not None and (checkpoint_identity(folder) or {}).get("recipe") != identity:
+            log.warning("skipping %s: another run's checkpoint", folder)
+            continue
         problem = checkpoint_problem(folder)
         if problem is None:
             return folder

@@ -26,6 +26,7 @@ from transformers import TrainerCallback
 from train.core.config import Recipe, recipe_to_dict
 from train.core.errors import UserError
 from train.core.log import get_logger, is_main_process
+from train.methods import outdir
 from train.methods.launch import (
     Launch,
     check_launch,
@@ -35,6 +36,7 @@ from train.methods.launch import (
     sharding_in_effect,
     stage_command,
 )
+from train.methods.outdir import STAGE_STATE
 from train.methods.record import MetricsLogCallback, losses, write_stage_outputs
 from train.methods.reliability import (
     NonFiniteGuard,
@@ -44,7 +46,6 @@ from train.methods.reliability import (
     lora_parameter_estimate,
     newest_complete_checkpoint,
 )
-from train.methods.trainers import STAGE_STATE
 from train.models.lineage import ADAPTER_DIR, adapter_chain
 from train.models.loading import load_model_config, load_tokenizer
 
@@ -114,7 +115,7 @@ def resume_point(recipe: Recipe, out: Path) -> str | None:
         if problem:
             raise UserError(f"training.resume_from_checkpoint: {wanted} cannot be resumed from: {problem}")
         return wanted
-    last = newest_complete_checkpoint(out) if out.is_dir() else None
+    last = newest_complete_checkpoint(out, outdir.recipe_identity(recipe)) if out.is_dir() else None
     log.info("resume: %s", f"from {last}" if last else "no complete checkpoint in output_dir, starting fresh")
     return str(last) if last else None
 
@@ -183,16 +184,23 @@ def finished_stage(recipe: Recipe, out: Path) -> dict | None:
 
 
 def save_adapter(trainer, out: Path, tokenizer) -> Path:
-    """adapter/ from this run only (an earlier run's is removed first), checked to exist."""
-    adapter_dir = out / ADAPTER_DIR
+    """adapter/ from this run only, checked to exist. Written into adapter.tmp/ first and swapped in only
+    when complete: a full disk mid-save leaves the earlier adapter/ in place, never no adapter at all."""
+    adapter_dir, staging, old = out / ADAPTER_DIR, out / f"{ADAPTER_DIR}.tmp", out / f"{ADAPTER_DIR}.old"
     if trainer.is_world_process_zero():
-        shutil.rmtree(adapter_dir, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)  # ours: a save of this folder that did not finish
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(adapter_dir))  # PEFT model: adapter weights only, safetensors
+    trainer.save_model(str(staging))  # PEFT model: adapter weights only, safetensors
     if trainer.is_world_process_zero():
-        if not (adapter_dir / "adapter_model.safetensors").is_file():
-            raise RuntimeError(f"training finished but no adapter was written to {adapter_dir}")
-        tokenizer.save_pretrained(str(adapter_dir))
+        if not (staging / "adapter_model.safetensors").is_file():
+            raise RuntimeError(f"training finished but no adapter was written to {staging}")
+        tokenizer.save_pretrained(str(staging))
+        shutil.rmtree(old, ignore_errors=True)
+        if adapter_dir.exists():
+            adapter_dir.rename(old)
+        staging.rename(adapter_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    trainer.accelerator.wait_for_everyone()
     return adapter_dir
 
 
@@ -226,7 +234,27 @@ def _stopped(recipe: Recipe, method: Method, out: Path, trainer, guard, preempti
     }
 
 
-def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = None, command: str = "sft") -> None:
+def _claim(recipe: Recipe, out: Path, resume: str | None, overwrite: bool) -> None:
+    """The folder check on the main process (it may move an earlier run aside); every rank raises its refusal."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    state = PartialState()
+    problem = [None]
+    if state.is_main_process:
+        try:
+            outdir.claim(recipe, out, resume, overwrite)
+        except UserError as err:
+            problem = [str(err)]
+    if state.num_processes > 1:
+        broadcast_object_list(problem, from_process=0)
+    if problem[0] is not None:
+        raise UserError(problem[0])
+
+
+def preflight(
+    recipe: Recipe, launch: Launch, launched_precision: str | None = None, command: str = "sft", overwrite: bool = False
+) -> None:
     """The start-up checks of `run_stage`, run once before a distributed launch (`make train-*`).
 
     Inside a launch every rank would refuse the same recipe, and the launcher would add its own
@@ -241,8 +269,12 @@ def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = N
         )
     check_launch(recipe, launch, launched_precision)
     check_report_to(recipe.training.report_to)
-    check_writable(Path(recipe.output_dir))
-    resume_point(recipe, Path(recipe.output_dir))
+    out = Path(recipe.output_dir)
+    check_writable(out)
+    outdir.refuse_if_locked(out)
+    resume = resume_point(recipe, out)
+    if finished_stage(recipe, out) is None:
+        outdir.claim(recipe, out, resume, overwrite, move=False)  # --overwrite moves files aside inside the launch
     adapter_chain(recipe.parent)
     if recipe.method == "sft" and launch.world_size > 1:
         require_fresh(recipe, load_tokenizer(recipe.model))
@@ -275,8 +307,23 @@ def _metrics(
     }
 
 
-def run_stage(recipe: Recipe, method: Method) -> dict:
-    """Train one stage with `method`; return its stage record (what stage.json holds)."""
+def run_stage(recipe: Recipe, method: Method, overwrite: bool = False) -> dict:
+    """Train one stage with `method`; return its stage record (what stage.json holds).
+
+    `overwrite`: a fresh run in a folder holding an earlier run moves that run aside (deletes nothing)."""
+    out = Path(recipe.output_dir)
+    check_writable(out)
+    held = is_main_process()  # the main process of a launch holds the folder for all ranks
+    if held:
+        outdir.acquire(out)
+    try:
+        return _run_stage(recipe, method, overwrite)
+    finally:
+        if held:
+            outdir.release(out)
+
+
+def _run_stage(recipe: Recipe, method: Method, overwrite: bool) -> dict:
     from transformers import set_seed
 
     started = time.perf_counter()
@@ -286,7 +333,6 @@ def run_stage(recipe: Recipe, method: Method) -> dict:
             f"(or pass method={method.name})"
         )
     out = Path(recipe.output_dir)
-    check_writable(out)
     launch = detect_launch()
     check_launch(recipe, launch)
     check_report_to(recipe.training.report_to)
@@ -294,6 +340,7 @@ def run_stage(recipe: Recipe, method: Method) -> dict:
     finished = finished_stage(recipe, out)
     if finished is not None:
         return finished
+    _claim(recipe, out, resume, overwrite)
     method.check(recipe)
     set_seed(recipe.training.seed)
     adapter_chain(recipe.parent)  # parent stages present, before any heavy work
@@ -306,6 +353,8 @@ def run_stage(recipe: Recipe, method: Method) -> dict:
     trainer = method.trainer(
         recipe, tokenizer, data, out, [MetricsLogCallback(out / "metrics.jsonl"), preemption, stop]
     )
+    trainer.run_identity = outdir.run_identity(recipe, data.manifest.get("fingerprint"))
+    outdir.check_resume_data(resume, trainer.run_identity)
     guard = NonFiniteGuard(trainer, recipe.training.nonfinite, recipe.training.max_consecutive_nonfinite)
     trainer.add_callback(guard)
     if resume and (Path(resume) / STAGE_STATE).is_file():  # tokens seen before the interruption, and so on

@@ -78,6 +78,6 @@ class SFT(Method):
         }
 
 
-def run_sft(recipe: Recipe) -> dict:
+def run_sft(recipe: Recipe, overwrite: bool = False) -> dict:
     """Train one SFT stage; return its stage record (what stage.json holds)."""
-    return run_stage(recipe, SFT())
+    return run_stage(recipe, SFT(), overwrite=overwrite)

@@ -21,9 +21,9 @@ from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTConfig, SFTTrainer
 
 from train.core.config import Recipe
 from train.core.errors import UserError
+from train.methods.outdir import STAGE_STATE  # in each checkpoint: the run's identity and our counters
 from train.methods.reliability import commit_checkpoint, guard_optimizer_step
 
-STAGE_STATE = "stage_state.json"  # in each checkpoint: our counters (tokens seen), restored on resume
 # Settings that would put a secret into saved training args; they come from the environment.
 SECRET_ARGS = {"hub_token", "push_to_hub_token"}
 
@@ -35,6 +35,7 @@ class StageTrainerMixin:
         super().__init__(*args, **kwargs)
         self.step_loss_nonfinite = False  # set by training_step, read by NonFiniteGuard
         self.skip_optimizer_step = False  # set by NonFiniteGuard, honoured by the guarded optimizer
+        self.run_identity: dict | None = None  # set by the stage runner; stamped into every checkpoint
 
     def create_optimizer(self, *args, **kwargs):
         optimizer = super().create_optimizer(*args, **kwargs)
@@ -47,7 +48,7 @@ class StageTrainerMixin:
         from transformers.trainer_utils import rotate_checkpoints
 
         step = self.state.global_step
-        extra = self.extra_state()
+        extra = {**self.extra_state(), "run": self.run_identity}
         run_dir = Path(self._get_output_dir(trial=trial))
         staging, final = run_dir / f"tmp-checkpoint-{step}", run_dir / f"checkpoint-{step}"
         prefix = hf_trainer.PREFIX_CHECKPOINT_DIR
