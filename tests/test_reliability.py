@@ -298,7 +298,9 @@ def test_parent_merged_is_merged_again_when_the_parent_changes(tmp_path):
     weights = (merged / "model.safetensors").stat().st_mtime_ns
     parent_merged_dir(recipe, adapter_chain(recipe.parent))
     assert (merged / "model.safetensors").stat().st_mtime_ns == weights  # same chain: reused
-    train_tiny_stage("stage1_medical", tmp_path / "parent", tmp_path / "data1", max_steps=2, seed=7, overwrite=True)  # retrained
+    train_tiny_stage(
+        "stage1_medical", tmp_path / "parent", tmp_path / "data1", max_steps=2, seed=7, overwrite=True
+    )  # retrained
     parent_merged_dir(recipe, adapter_chain(recipe.parent))
     assert json.loads((merged / PARENT_CHAIN).read_text())["fingerprint"] != first
     assert (merged / "model.safetensors").stat().st_mtime_ns != weights
