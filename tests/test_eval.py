@@ -75,8 +75,8 @@ def test_trained_model_beats_untrained_and_best_checkpoint_is_written(
     )
     original = evaluation.resolve_targets
 
-    def with_untrained(specs, checkpoints):  # the untrained adapter joins as one more "checkpoint"
-        return [Target("untrained", "stage", qa_stage, untrained_adapter)] + original(specs, checkpoints)
+    def with_untrained(specs, checkpoints, **kwargs):  # the untrained adapter joins as one more "checkpoint"
+        return [Target("untrained", "stage", qa_stage, untrained_adapter)] + original(specs, checkpoints, **kwargs)
 
     monkeypatch.setattr(evaluation, "resolve_targets", with_untrained)
     report = run_eval([str(qa_stage)], cfg, tmp_path / "eval", checkpoints=True)

@@ -8,6 +8,11 @@ import sys
 
 from train.core.cli import Command
 
+TRUST_HELP = (
+    "let the stage's stored recipe run its base model's own code (model.trust_remote_code: true in its "
+    "stage.json); refused without this flag"
+)
+
 
 def _merge_arguments(p) -> None:
     p.add_argument("stage_dir")
@@ -26,6 +31,7 @@ def _merge_arguments(p) -> None:
     p.add_argument("--max-shard-size", default="5GB")
     p.add_argument("--license", dest="license_id", help="model card license (default: the base model's)")
     p.add_argument("--push-to-hub", metavar="REPO", help="upload the merged folder (token from HF_TOKEN)")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def _merge(args) -> None:
@@ -34,7 +40,7 @@ def _merge(args) -> None:
 
     out = args.out or os.path.join(args.stage_dir, "merged")
     if args.push_to_hub:
-        hub_token()  # a missing token fails now, not after a long merge
+        hub_token()  # a missing token or an unreachable Hub fails now, not after a long merge
     report = merge_stage(
         args.stage_dir,
         out,
@@ -43,6 +49,7 @@ def _merge(args) -> None:
         dequantize=args.dequantize,
         max_shard_size=args.max_shard_size,
         license_id=args.license_id,
+        trust_remote_code=args.trust_remote_code,
     )
     sys.stdout.write(
         json.dumps({k: report[k] for k in ("merged_vs_base_plus_adapter", "adapter_effect")}, indent=2)

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+from train.cli.export import TRUST_HELP
 from train.core.cli import Command
 from train.core.errors import UserError
 from train.core.io import read_jsonl, write_jsonl
@@ -33,11 +34,13 @@ def _generate_arguments(p) -> None:
     for flag, kind, default in DECODING_FLAGS:
         p.add_argument(flag, type=kind, default=default)
     p.add_argument("--do-sample", action="store_true")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def _generate(args) -> None:
     from train.core.config import DecodingConfig
-    from train.inference.generate import generate_candidates
+    from train.inference.generate import make_generator
+    from train.inference.targets import resolve_targets
 
     if args.input:
         rows = read_jsonl(args.input)
@@ -53,7 +56,11 @@ def _generate(args) -> None:
         **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in DECODING_FLAGS},
     )
     decoding.validate("generate")
-    prompts, candidates = generate_candidates(args.target, questions, decoding, args.batch_size)
+    # generate_candidates() with the user's --trust-remote-code carried to the stage's loader
+    (target,) = resolve_targets([args.target], checkpoints=False, trust_remote_code=args.trust_remote_code)
+    generator = make_generator(target)
+    prompts = [generator.render(q) for q in questions]
+    candidates = generator.generate(prompts, decoding, args.batch_size)
     lines = [
         {"question": q, "prompt": p, "completions": [{"text": t, "logprob": round(lp, 4)} for t, lp in c]}
         for q, p, c in zip(questions, prompts, candidates, strict=True)
@@ -81,6 +88,7 @@ def _eval_arguments(p) -> None:
     p.add_argument("--checkpoints", action="store_true", help="also score every checkpoint; write the best")
     p.add_argument("--prompt-variant", action="append", help="question text from {context} {question} {choices}")
     p.add_argument("--max-examples", type=int)
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def _eval(args) -> None:
@@ -96,7 +104,10 @@ def _eval(args) -> None:
         cfg.max_examples = args.max_examples
     first = Path(specs[0])
     out = args.out or str(first / "eval" if first.is_dir() else Path("outputs") / "eval" / first.stem)
-    sys.stdout.write(format_eval(run_eval(specs, cfg, out, data=args.data, checkpoints=args.checkpoints)))
+    report = run_eval(
+        specs, cfg, out, data=args.data, checkpoints=args.checkpoints, trust_remote_code=args.trust_remote_code
+    )
+    sys.stdout.write(format_eval(report))
 
 
 def _lm_eval_arguments(p) -> None:
@@ -109,6 +120,7 @@ def _lm_eval_arguments(p) -> None:
     p.add_argument("--include-path", action="append", help="a folder of your own task YAMLs (repeatable)")
     p.add_argument("--log-samples", action="store_true", help="write every request and its scores")
     p.add_argument("--apply-chat-template", action="store_true", help="wrap prompts in the tokenizer's template")
+    p.add_argument("--trust-remote-code", action="store_true", help=TRUST_HELP)
 
 
 def _lm_eval(args) -> None:
@@ -126,6 +138,7 @@ def _lm_eval(args) -> None:
         include_paths=args.include_path,
         log_samples=args.log_samples,
         apply_chat_template=args.apply_chat_template,
+        trust_remote_code=args.trust_remote_code,
     )
     sys.stdout.write(report["table"] + f"\nresults in {out}/lm_eval_results.json\n")
 

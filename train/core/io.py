@@ -8,12 +8,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
+import time
 from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
 from train.core.errors import UserError
+from train.core.log import get_logger
+
+log = get_logger("io")
 
 REJECTS_FILE = "rejects.jsonl"
 
@@ -77,3 +82,65 @@ def check_output_dir(out: Path, marker: str, protected: Path | None = None) -> N
         raise UserError(
             f"--out {out} exists and was not written by this command (no {marker}); choose another folder or remove it"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Replacing an output folder (merge, export): write into <out>.tmp, swap in, never lose the old one first.
+# Written first into every `<out>.tmp` this code creates (merge and export), removed once the folder is `<out>`:
+# a `<out>.tmp` without it (and without the command's report) is someone else's and is never deleted.
+TMP_MARKER = ".stage-trainer-partial"
+
+
+def claim_tmp(out: Path, report: str) -> Path:
+    """`<out>.tmp`, where the new output is written; refuse (before any long work) one this code did not leave."""
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.is_symlink() or (tmp.exists() and not tmp.is_dir()):
+        raise UserError(f"{tmp} exists and is not a folder this command left: move it away, then run again")
+    if tmp.is_dir() and any(tmp.iterdir()) and not ((tmp / TMP_MARKER).is_file() or (tmp / report).is_file()):
+        raise UserError(
+            f"{tmp} exists and was not left by this command (no {TMP_MARKER} or {report} in it): "
+            "move it away or remove it, then run again"
+        )
+    return tmp
+
+
+def fresh_tmp(out: Path, report: str) -> Path:
+    """An empty `<out>.tmp` holding only the marker; a previous run's partial output there is cleared."""
+    tmp = claim_tmp(out, report)  # again: something may have appeared there during the long work
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        (tmp / TMP_MARKER).write_text("partial output of stage-trainer; safe to delete\n")
+    except OSError as err:
+        raise UserError(f"cannot prepare {tmp}: {err.strerror or err}") from err
+    return tmp
+
+
+def replace_output(tmp: Path, out: Path) -> None:
+    """Move the finished `tmp` to `out`. An existing `out` is renamed aside first and deleted only once the new
+    folder is in place; if the move fails, the old `out` is put back and the new files stay in `tmp`."""
+    aside = None
+    try:
+        if out.exists() or out.is_symlink():
+            old = out.with_name(f"{out.name}.old-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}")
+            out.rename(old)
+            aside = old
+        tmp.rename(out)
+    except OSError as err:
+        where = f"{out} is unchanged"
+        if aside is not None:
+            try:
+                aside.rename(out)
+            except OSError:
+                where = f"the previous {out.name} is in {aside}"
+        raise UserError(
+            f"could not move {tmp} to {out} ({err.strerror or err}); {where}, the new files stay in {tmp}"
+        ) from err
+    (out / TMP_MARKER).unlink(missing_ok=True)
+    if aside is not None:
+        shutil.rmtree(aside, ignore_errors=True)
+        if aside.exists():
+            log.warning(
+                "the new output is in %s; the previous one, now %s, could not be removed: remove it", out, aside
+            )

@@ -22,6 +22,7 @@ from pathlib import Path
 from train.core.errors import UserError
 from train.core.io import write_json, write_jsonl
 from train.core.log import get_logger
+from train.inference.targets import stage_recipe
 
 log = get_logger("lm-eval")
 BUNDLED_TASKS = Path(__file__).resolve().parent / "lm_eval_tasks"
@@ -53,8 +54,9 @@ def task_manager(TaskManager, tasks: list[str], include_paths: list[str]):
     return manager
 
 
-def check_target(target: str) -> None:
-    """Refuse what cannot be scored before indexing tasks or loading anything."""
+def check_target(target: str, trust_remote_code: bool = False) -> None:
+    """Refuse what cannot be scored (or a stage whose stored recipe wants remote code, without
+    `trust_remote_code`) before indexing tasks or loading anything."""
     path = Path(target)
     if path.suffix == ".gguf":
         raise UserError(
@@ -63,9 +65,11 @@ def check_target(target: str) -> None:
         )
     if path.exists() and not ((path / "stage.json").is_file() or (path / "config.json").is_file()):
         raise UserError(f"{target} is not a stage folder (stage.json), a model folder (config.json) or a .gguf file")
+    if (path / "stage.json").is_file():
+        stage_recipe(path, trust_remote_code=trust_remote_code)
 
 
-def load_target(target: str):
+def load_target(target: str, trust_remote_code: bool = False):
     """(model, tokenizer, lineage) of a stage folder, a merged folder, or a base model id/folder (after
     check_target)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -74,7 +78,7 @@ def load_target(target: str):
 
     path = Path(target)
     if (path / "stage.json").is_file():
-        model, tokenizer, _ = load_stage_model(path)
+        model, tokenizer, _ = load_stage_model(path, trust_remote_code=trust_remote_code)
         stage = json.loads((path / "stage.json").read_text(encoding="utf-8"))
         return (
             model,
@@ -106,11 +110,14 @@ def run_lm_eval(
     log_samples: bool = False,
     apply_chat_template: bool = False,
     seed: int = 1234,
+    trust_remote_code: bool = False,
 ) -> dict:
+    """`trust_remote_code`: the user's opt-in (--trust-remote-code) for a stage whose stored recipe sets
+    model.trust_remote_code; without it such a stage is refused before anything loads."""
+    check_target(target, trust_remote_code)
     lm_eval, HFLM, TaskManager = _lm_eval()
-    check_target(target)
     manager = task_manager(TaskManager, tasks, [str(BUNDLED_TASKS), *(include_paths or [])])
-    model, tokenizer, lineage = load_target(target)
+    model, tokenizer, lineage = load_target(target, trust_remote_code)
     lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
     results = lm_eval.simple_evaluate(
         model=lm,

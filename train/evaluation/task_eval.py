@@ -99,14 +99,21 @@ def _score(examples: list[dict], answers: list[str]) -> tuple[list[dict], dict]:
 
 
 def run_eval(
-    specs: list[str], cfg: EvalConfig, out: str | Path, data: str | None = None, checkpoints: bool = False
+    specs: list[str],
+    cfg: EvalConfig,
+    out: str | Path,
+    data: str | None = None,
+    checkpoints: bool = False,
+    trust_remote_code: bool = False,
 ) -> dict:
+    """`trust_remote_code`: the user's opt-in (--trust-remote-code) for stages whose stored recipe sets
+    model.trust_remote_code; without it they are refused before any model loads."""
     out = Path(out)
     data = data or cfg.data
     if not data:
         raise UserError("no eval data: pass --data FILE.jsonl or set eval.data in the recipe")
+    targets = resolve_targets(specs, checkpoints, trust_remote_code=trust_remote_code)
     examples = load_examples(data, cfg, out)
-    targets = resolve_targets(specs, checkpoints)
     out.mkdir(parents=True, exist_ok=True)
     members: dict[str, dict] = {}
     rows = []

@@ -24,14 +24,13 @@ from __future__ import annotations
 import ctypes
 import json
 import os
-import shutil
 import subprocess
 import sys
 from collections import Counter
 from pathlib import Path
 
 from train.core.errors import UserError
-from train.core.io import check_output_dir, write_json
+from train.core.io import check_output_dir, claim_tmp, fresh_tmp, replace_output, write_json
 from train.core.log import get_logger
 from train.core.paths import REPO_ROOT
 from train.export.cards import write_model_card
@@ -288,14 +287,13 @@ def export_gguf(
     _check_inputs(merged_dir, types)
     out = Path(out).resolve() if out else merged_dir / "gguf"
     check_output_dir(out, EXPORT_REPORT)
+    claim_tmp(out, EXPORT_REPORT)
     llama_dir = find_llama_cpp(llama_cpp_dir)
     import_llama_cpp()  # fail before converting when the checks cannot run
     merge_file = merged_dir / MERGE_REPORT
     merge_report = json.loads(merge_file.read_text(encoding="utf-8")) if merge_file.is_file() else {}
     name = Path(merge_report["lineage"][-1]).name if merge_report.get("lineage") else merged_dir.name
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = fresh_tmp(out, EXPORT_REPORT)
 
     # The reference: transformers on the merged weights, before any GGUF exists.
     tokenizer = AutoTokenizer.from_pretrained(str(merged_dir))
@@ -325,8 +323,7 @@ def export_gguf(
     lineage = [Path(p) for p in merge_report.get("lineage", [])]
     if lineage:
         write_model_card(tmp, lineage, {"merge": merge_report, "export": report}, gguf_files=list(report["files"]))
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_output(tmp, out)
     report["out"] = str(out)
     return report
 

@@ -2,7 +2,9 @@
 
 The token is read from HF_TOKEN (or HUGGING_FACE_HUB_TOKEN) in the environment and handed to
 huggingface_hub only: it is never logged, echoed, or written into a saved file. HF_ENDPOINT picks
-another Hub (a private mirror), as huggingface_hub itself reads it.
+another Hub (a private mirror), as huggingface_hub itself reads it. The Hub is probed before any long work
+(train.core.hub): an upload that cannot happen fails at once, saying whether HF_HUB_OFFLINE was the user's or
+the probe found the Hub (endpoint shown without credentials) unreachable.
 """
 
 from __future__ import annotations
@@ -18,14 +20,36 @@ TOKEN_VARIABLES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN")
 
 
 def hub_token() -> str:
+    """The write token, once the Hub is known to be reachable: called before any long work, and again at upload."""
     token = next((os.environ[v] for v in TOKEN_VARIABLES if os.environ.get(v)), None)
     if not token:
         raise UserError(
             "--push-to-hub needs a write token in HF_TOKEN (environment only; it is never printed or saved)"
         )
-    if os.environ.get("HF_HUB_OFFLINE") == "1":
-        raise UserError("--push-to-hub with HF_HUB_OFFLINE=1: unset HF_HUB_OFFLINE to upload")
+    require_hub()
     return token
+
+
+def require_hub() -> None:
+    """Refuse an upload that cannot happen, saying why: the user's HF_HUB_OFFLINE, or our probe's finding."""
+    import huggingface_hub.constants as hub_constants
+
+    from train.core.hub import hub_unreachable, offline_unless_hub_reachable
+
+    found = hub_unreachable()
+    if found is None and hub_constants.HF_HUB_OFFLINE:
+        raise UserError(
+            f"--push-to-hub with HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '1')} in your environment: "
+            "unset HF_HUB_OFFLINE to upload"
+        )
+    if found is None and offline_unless_hub_reachable():
+        return
+    found = found or hub_unreachable() or "the Hub was unreachable when probed"
+    raise UserError(
+        f"--push-to-hub: {found}, so nothing can be uploaded (HF_HUB_OFFLINE=1 here is this run's own fallback "
+        "to the local cache, not a setting of yours): check the network, HF_ENDPOINT, and HTTPS_PROXY / NO_PROXY "
+        "(the proxy must reach the Hub), then run the command again"
+    )
 
 
 def push_folder(

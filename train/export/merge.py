@@ -11,17 +11,16 @@ then merged in place, so the model is never held twice.
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import replace
 from pathlib import Path
 
-from train.core.config import recipe_from_dict
 from train.core.errors import UserError
 from train.core.formats import reasoning_chat_template
-from train.core.io import check_output_dir, write_json
+from train.core.io import TMP_MARKER, check_output_dir, claim_tmp, fresh_tmp, replace_output, write_json
 from train.core.log import get_logger
 from train.export.cards import write_model_card
 from train.export.parity import PARITY_TEXTS, compare_logits, text_logits
+from train.inference.targets import stage_recipe
 from train.models.lineage import ADAPTER_DIR, adapter_chain, read_stage, stage_lineage
 from train.models.loading import load_merged_16bit, resolve_model_path, torch_dtype
 
@@ -80,15 +79,20 @@ def merge_stage(
     dequantize: bool = False,
     max_shard_size: str = "5GB",
     license_id: str | None = None,
+    trust_remote_code: bool = False,
 ) -> dict:
-    """Write the merged model to `out` (atomically) and return the parity report."""
+    """Write the merged model to `out` (atomically) and return the parity report.
+
+    `trust_remote_code`: the user's opt-in (--trust-remote-code) to a stored recipe's model.trust_remote_code;
+    without it such a stage is refused before anything loads.
+    """
     from peft import PeftModel
     from transformers import AutoTokenizer
 
     stage_dir = Path(stage_dir).resolve()
     out = Path(out).resolve()
     info = read_stage(stage_dir)
-    recipe = recipe_from_dict(info["recipe"], origin=str(stage_dir / "stage.json"))
+    recipe = stage_recipe(stage_dir, info, trust_remote_code)
     if str(adapter) == "best":  # chosen by `train eval --checkpoints` on the task metric
         best_file = stage_dir / "best_checkpoint.json"
         if not best_file.is_file():
@@ -100,6 +104,7 @@ def merge_stage(
     if dtype not in MERGE_TOLERANCE:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(MERGE_TOLERANCE)}")
     check_output_dir(out, MERGE_REPORT, stage_dir)
+    claim_tmp(out, MERGE_REPORT)
     tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / ADAPTER_DIR))
     if recipe.data.template == "reasoning":  # chat front ends must prompt the way this stage trained
         tokenizer.chat_template = reasoning_chat_template(recipe.data.system_prompt)
@@ -135,17 +140,15 @@ def merge_stage(
     if effect["max_abs_diff"] == 0.0:
         log.warning("the adapter changes nothing (max logit diff 0 with and without it): was it trained?")
 
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = fresh_tmp(out, MERGE_REPORT)
     merged.generation_config.eos_token_id = tokenizer.eos_token_id
     merged.generation_config.pad_token_id = tokenizer.pad_token_id
     merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
-    report["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir())}
+    report["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name != TMP_MARKER}
     write_json(tmp / MERGE_REPORT, report)
     write_model_card(tmp, stage_lineage(stage_dir), report, license_id=license_id)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
+    replace_output(tmp, out)
     log.info(
         "merged model in %s: max logit diff vs base+adapter %.2e (%.3f%% of max logit), adapter moved "
         "logits by up to %.3f",

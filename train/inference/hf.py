@@ -5,24 +5,25 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from train.core.config import DecodingConfig, recipe_from_dict
+from train.core.config import DecodingConfig
 from train.core.errors import UserError
 from train.core.formats import render_prompt
-from train.inference.targets import Target
+from train.inference.targets import Target, stage_recipe
 from train.models.lineage import ADAPTER_DIR, adapter_chain, read_stage
 from train.models.loading import load_merged_16bit
 
 
-def load_stage_model(stage_dir: str | Path, adapter: str | Path | None = None):
+def load_stage_model(stage_dir: str | Path, adapter: str | Path | None = None, trust_remote_code: bool = False):
     """(model, tokenizer, recipe) of a finished stage, adapters merged into the 16-bit base.
 
-    `adapter` replaces the stage's final adapter (e.g. one of its checkpoints); ancestors stay.
+    `adapter` replaces the stage's final adapter (e.g. one of its checkpoints); ancestors stay. A stored
+    recipe with model.trust_remote_code is refused unless `trust_remote_code` (the user's --trust-remote-code).
     """
     from transformers import AutoTokenizer
 
     stage_dir = Path(stage_dir)
     info = read_stage(stage_dir)
-    recipe = recipe_from_dict(info["recipe"], origin=str(stage_dir / "stage.json"))
+    recipe = stage_recipe(stage_dir, info, trust_remote_code)
     own = Path(adapter) if adapter else stage_dir / ADAPTER_DIR
     if not (own / "adapter_config.json").is_file():
         raise UserError(f"{own} holds no trained adapter (adapter_config.json missing)")
@@ -57,7 +58,9 @@ class HFGenerator:
 
         self.recipe = None
         if target.kind == "stage":
-            self.model, self.tokenizer, self.recipe = load_stage_model(target.path, adapter=target.adapter)
+            self.model, self.tokenizer, self.recipe = load_stage_model(
+                target.path, adapter=target.adapter, trust_remote_code=target.trust_remote_code
+            )
         else:
             self.model = AutoModelForCausalLM.from_pretrained(str(target.path), dtype="auto").eval()
             self.tokenizer = AutoTokenizer.from_pretrained(str(target.path))
