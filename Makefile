@@ -37,6 +37,9 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 	  $(BIN)/pip install -q "torch==$(TORCH_VERSION)"; \
 	fi
 	DS_BUILD_OPS=0 $(BIN)/pip install -q -c constraints.txt -e ".[dev]"
+	@# bubblewrap: the CodeI/O sandbox's isolation (python -m data_prep codeio refuses without it)
+	command -v bwrap >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq bubblewrap; } || \
+	  echo "warning: could not install bubblewrap (apt-get install bubblewrap): the CodeI/O sandbox will refuse to run"
 	$(BIN)/python -c "import torch, transformers, trl, peft; print('installed torch', torch.__version__, '| transformers', transformers.__version__, '| trl', trl.__version__, '| peft', peft.__version__)"
 	touch $@
 

@@ -1,7 +1,7 @@
 """Build the processed dataset of a stage, once, before launch.
 
     python -m data_prep RECIPE [section.key=value ...]        = python -m data_prep build RECIPE ...
-    python -m data_prep codeio recipes/codeio/starter.yaml    CodeI/O rows from Python functions
+    python -m data_prep codeio recipes/codeio/starter.yaml    CodeI/O rows from Python functions (bubblewrap sandbox)
 
 `build` writes data.processed_dir: train.parquet, eval.parquet, manifest.json, rejects.jsonl and
 length_histogram.png, and prints the report.
@@ -36,13 +36,17 @@ def _build(args) -> None:
 def _codeio_arguments(p) -> None:
     p.add_argument("spec", help="CodeI/O spec YAML, e.g. recipes/codeio/starter.yaml")
     p.add_argument("overrides", nargs="*", help="key=value, e.g. teacher.kind=local")
+    from data_prep.codeio import NO_ISOLATION_HELP
+
+    p.add_argument("--no-isolation", action="store_true", help=NO_ISOLATION_HELP)
 
 
 def _codeio(args) -> None:
     from data_prep.codeio import build_codeio, load_spec
 
     spec = load_spec(args.spec, args.overrides)
-    sys.stdout.write(json.dumps(build_codeio(spec), indent=2) + f"\n  written to {spec.out}\n")
+    manifest = build_codeio(spec, isolation=not args.no_isolation)
+    sys.stdout.write(json.dumps(manifest, indent=2) + f"\n  written to {spec.out}\n")
 
 
 COMMANDS = [

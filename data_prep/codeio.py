@@ -3,8 +3,10 @@
     python -m data_prep codeio recipes/codeio/starter.yaml
 
 Each `*.py` in `functions_dir` defines `main(...)` and either `INPUTS` (a list of keyword dicts) or
-`gen_input(rng)`. Every function runs in the sandbox (data_prep/sandbox.py: time, memory, output,
-network and file limits) to get ground-truth outputs. Two directions per input:
+`gen_input(rng)`. Every function runs in the sandbox (data_prep/sandbox.py: bubblewrap namespaces with
+no network, a read-only system, a tmpfs work directory, no process creation, and time, memory and output
+limits) to get ground-truth outputs; without bubblewrap the command refuses, unless `--no-isolation`
+(trusted functions only, logged as a warning). Two directions per input:
 - output prediction: code + input -> the output;
 - input prediction: code + output -> an input that produces it (any such input counts: checked by
   running the function on it).
@@ -14,29 +16,41 @@ more attempt with the execution feedback in the prompt (CodeI/O++); the revised 
 becomes correct. Without a teacher the rows carry no reasoning. Rows are written in the stage-1 shape
 (Question, Complex_CoT, Response; schema medical_o1, or `columns` when there is no reasoning) with
 counts of verified, revised and failed answers and rejected functions by reason in manifest.json.
+Each teacher answer is appended to `teacher_answers.jsonl` in the output folder as it arrives; a rerun
+reuses them and asks only the missing questions (a failed HTTP call ends with one line: host, status).
 """
 
 from __future__ import annotations
 
 import ast
+import hashlib
+import http.client
 import json
 import os
 import random
 import re
+import urllib.error
+import urllib.parse
+import urllib.request
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from data_prep.sandbox import Limits, run_sandboxed
+from data_prep.sandbox import Limits, require_isolation, run_sandboxed
 from train.core.errors import UserError
 from train.core.formats import THINK_BLOCK
-from train.core.io import write_json, write_jsonl, write_rejects
+from train.core.io import atomic_write_text, read_jsonl, write_json, write_jsonl, write_rejects
 from train.core.log import get_logger
 from train.core.paths import REPO_ROOT
 from train.core.typed_config import build_config, read_yaml
 
 log = get_logger("codeio")
+ANSWERS_FILE = "teacher_answers.jsonl"
+NO_ISOLATION_HELP = (
+    "run the functions WITHOUT the bubblewrap boundary (rlimits and timeouts only): only for trusted "
+    "functions such as the starter set, never for collected or generated code"
+)
 OUTPUT_Q = (
     "You are given a Python function and an input. Predict the exact output of `main` for this input. "
     "Think it through step by step, then give the output as JSON after 'Answer:'.\n\n```python\n{code}\n```"
@@ -126,8 +140,43 @@ def verify(code: str, direction: str, answer, expected_output, limits: Limits) -
     return (run["value"] == expected_output, f"main({json.dumps(answer)}) returns {json.dumps(run['value'])}")
 
 
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """scheme, host, port (default ports filled in): what decides whether a redirect leaves the endpoint."""
+    parts = urllib.parse.urlsplit(url)
+    return (
+        parts.scheme.lower(),
+        (parts.hostname or "").lower(),
+        parts.port or {"http": 80, "https": 443}.get(parts.scheme),
+    )
+
+
+def _host(url: str) -> str:
+    """host:port of a URL, without any user:password part."""
+    _, host, port = _origin(url)
+    return f"{host}:{port}"
+
+
+class _KeyStaysWithItsHost(urllib.request.HTTPRedirectHandler):
+    """urllib copies every header into the redirected request: the key would follow a redirect anywhere.
+    A redirect to another scheme, host or port goes there without the Authorization header."""
+
+    def redirect_request(self, req, fp, code, msg, headers, newurl):
+        new = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if new is not None and new.has_header("Authorization") and _origin(new.full_url) != _origin(req.full_url):
+            new.remove_header("Authorization")
+            log.warning(
+                "teacher: %s redirected to %s, another host: the Authorization header is not sent there",
+                _host(req.full_url),
+                _host(new.full_url),
+            )
+        return new
+
+
 class Teacher:
-    def __init__(self, cfg: TeacherConfig):
+    """Asks the questions it has no answer for yet; with `answers_path`, each answer is appended there as it
+    arrives (keyed by a hash of the teacher and the question) and reused on the next run."""
+
+    def __init__(self, cfg: TeacherConfig, answers_path: Path | None = None):
         self.cfg = cfg
         if cfg.kind == "local":
             from train.core.config import DecodingConfig
@@ -143,16 +192,56 @@ class Teacher:
                 raise UserError("teacher.kind openai needs teacher.url and teacher.model")
             if not os.environ.get(cfg.api_key_env):
                 raise UserError(f"teacher.kind openai reads its key from ${cfg.api_key_env}, which is not set")
+            self.opener = urllib.request.build_opener(_KeyStaysWithItsHost)
+        self.answers_path = answers_path
+        self.answers = self._load()
+        if self.answers:
+            log.info("teacher: %d answers from an earlier run reused (%s)", len(self.answers), answers_path)
+
+    def key(self, question: str) -> str:
+        """The same question to the same teacher (kind, model, token budget) has the same key."""
+        ident = [self.cfg.kind, self.cfg.model, self.cfg.max_new_tokens, question]
+        return hashlib.sha256(json.dumps(ident, ensure_ascii=False).encode()).hexdigest()
+
+    def _load(self) -> dict[str, str]:
+        path = self.answers_path
+        if path is None or not path.is_file():
+            return {}
+        try:
+            rows = read_jsonl(path)
+        except ValueError:  # a line cut short by a kill mid-write: keep the others, rewrite the file whole
+            rows = []
+            for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+                try:
+                    rows.append(json.loads(line))
+                except ValueError:
+                    continue
+            log.warning("%s: dropped damaged line(s); those questions are asked again", path)
+            atomic_write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return {r["key"]: r["answer"] for r in rows if isinstance(r, dict) and {"key", "answer"} <= set(r)}
+
+    def _keep(self, question: str, answer: str) -> None:
+        key = self.key(question)
+        self.answers[key] = answer
+        if self.answers_path is not None:
+            write_jsonl(self.answers_path, [{"key": key, "answer": answer}], append=True)
 
     def ask(self, questions: list[str]) -> list[str]:
+        missing = [q for q in dict.fromkeys(questions) if self.key(q) not in self.answers]
         if self.cfg.kind == "local":
-            prompts = [self.generator.render(q) for q in questions]
-            return [c[0][0] for c in self.generator.generate(prompts, self.decoding, batch_size=4)]
-        return [self._chat(q) for q in questions]
+            for start in range(0, len(missing), 4):
+                batch = missing[start : start + 4]
+                prompts = [self.generator.render(q) for q in batch]
+                for question, c in zip(
+                    batch, self.generator.generate(prompts, self.decoding, batch_size=4), strict=True
+                ):
+                    self._keep(question, c[0][0])
+        else:
+            for number, question in enumerate(missing, 1):
+                self._keep(question, self._chat(question, number, len(missing)))
+        return [self.answers[self.key(q)] for q in questions]
 
-    def _chat(self, question: str) -> str:
-        import urllib.request
-
+    def _chat(self, question: str, number: int = 1, of: int = 1) -> str:
         body = json.dumps(
             {
                 "model": self.cfg.model,
@@ -161,17 +250,37 @@ class Teacher:
                 "temperature": 0,
             }
         ).encode()
+        url = self.cfg.url.rstrip("/") + "/chat/completions"
         request = urllib.request.Request(
-            self.cfg.url.rstrip("/") + "/chat/completions",
+            url,
             data=body,
             headers={"Content-Type": "application/json", "Authorization": f"Bearer {os.environ[self.cfg.api_key_env]}"},
         )
-        with urllib.request.urlopen(request, timeout=300) as response:  # noqa: S310 - the user's endpoint
-            return json.loads(response.read())["choices"][0]["message"]["content"]
+        try:
+            with self.opener.open(request, timeout=300) as response:
+                return json.loads(response.read())["choices"][0]["message"]["content"]
+        except urllib.error.HTTPError as err:  # the status and the host that gave it (never the request headers)
+            problem = f"{_host(err.filename or url)} answered HTTP {err.code} ({err.reason})"
+        except urllib.error.URLError as err:
+            problem = f"{_host(url)} could not be reached ({err.reason})"
+        except (OSError, http.client.HTTPException) as err:
+            problem = f"{_host(url)} failed ({type(err).__name__}: {err})"
+        except (ValueError, KeyError, IndexError, TypeError) as err:
+            problem = f"{_host(url)} sent no chat completion ({type(err).__name__}: {err})"
+        kept = f"the {len(self.answers)} answers so far are kept in {self.answers_path}: run again to ask only the rest"
+        raise UserError(
+            f"teacher endpoint {problem} on question {number} of {of}; "
+            + (kept if self.answers_path else f"{len(self.answers)} answers so far")
+        )
 
 
-def build_codeio(spec: CodeIOSpec) -> dict:
-    limits = Limits(spec.timeout_s, spec.memory_mb, spec.max_output_chars)
+def build_codeio(spec: CodeIOSpec, isolation: bool = True) -> dict:
+    """`isolation` False (the --no-isolation flag) runs the functions without bubblewrap: trusted code only."""
+    if isolation:
+        require_isolation()  # one line with the reason and the fix, before any function runs
+    else:
+        log.warning("--no-isolation: the functions run WITHOUT the sandbox boundary; only trusted code belongs here")
+    limits = Limits(spec.timeout_s, spec.memory_mb, spec.max_output_chars, isolated=isolation)
     folder = Path(spec.functions_dir)
     folder = folder if folder.is_absolute() else REPO_ROOT / folder
     files = sorted(folder.glob("*.py"))
@@ -236,7 +345,7 @@ def build_codeio(spec: CodeIOSpec) -> dict:
                         "code": code,
                     }
                 )
-    rows, counts = _answer(items, spec, limits)
+    rows, counts = _answer(items, spec, limits, out / ANSWERS_FILE)
     write_jsonl(out / "codeio.jsonl", rows)
     write_rejects(out, rejects)
     manifest = {
@@ -253,8 +362,11 @@ def build_codeio(spec: CodeIOSpec) -> dict:
     return manifest
 
 
-def _answer(items: list[dict], spec: CodeIOSpec, limits: Limits) -> tuple[list[dict], dict]:
-    """Rows in the stage-1 shape; with a teacher, only answers that execution confirms."""
+def _answer(
+    items: list[dict], spec: CodeIOSpec, limits: Limits, answers_path: Path | None = None
+) -> tuple[list[dict], dict]:
+    """Rows in the stage-1 shape; with a teacher, only answers that execution confirms. The teacher's
+    answers are kept in `answers_path` as they arrive and reused by a rerun."""
 
     def row(item, reasoning, answer):
         return {
@@ -272,7 +384,7 @@ def _answer(items: list[dict], spec: CodeIOSpec, limits: Limits) -> tuple[list[d
             "revised": 0,
             "failed": 0,
         }
-    teacher = Teacher(spec.teacher)
+    teacher = Teacher(spec.teacher, answers_path)
     counts = Counter(verified=0, revised=0, failed=0)
     rows = []
     first = teacher.ask([it["question"] for it in items])

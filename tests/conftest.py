@@ -96,3 +96,14 @@ def child_recipe(name: str, root: Path, out: str | None = None, **training):
     data["data"]["processed_dir"] = str(root / f"{name}_data")
     data["training"].update(training)
     return make_recipe(data)
+
+
+@pytest.fixture(scope="session")
+def bwrap() -> str:
+    """bubblewrap, which the CodeI/O sandbox needs: a clear failure (not a skip) where it is missing."""
+    import shutil
+
+    path = shutil.which("bwrap")
+    if path is None:
+        pytest.fail("bubblewrap is not installed: run `make install` (it installs it) or `apt-get install bubblewrap`")
+    return path
