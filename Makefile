@@ -20,7 +20,7 @@ MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS ?=
 
-.PHONY: install install-export merge export eval demo demo-fast test test-fast test-slow test-dist test-gpu lint format docs constraints bench bench-gpu install-gpu lm-eval gpu-wheels gpu-evidence gpu-evidence-rehearsal \
+.PHONY: install install-export merge export eval demo demo-fast test test-fast test-slow test-dist test-slurm test-gpu lint format docs constraints bench bench-gpu install-gpu lm-eval gpu-wheels gpu-evidence gpu-evidence-rehearsal \
         data-stage1 data-stage2 train-stage1 train-stage2 train clean
 
 install: $(VENV)/.installed
@@ -100,7 +100,7 @@ test: install-export
 
 # The edit loop: unit tests only, no model training (under 2 minutes on 2 cores).
 test-fast: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not dist and not e2e"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not dist and not e2e and not slurm"
 
 # pytest exits 5 when a marker selects no test: that is not a failure here.
 test-slow: install-export
@@ -109,6 +109,12 @@ test-slow: install-export
 
 test-dist: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m dist
+
+# A real single-node SLURM (Debian's slurm-wlm, installed here once) runs accelerate_configs/slurm.sbatch.
+test-slurm: install
+	command -v slurmctld >/dev/null 2>&1 || { apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+	  apt-get install -y -qq slurmctld slurmd munge slurm-client; }
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m slurm
 
 test-gpu: install-gpu
 	$(BIN)/python -m pytest -q -m gpu
@@ -180,7 +186,7 @@ train-stage1 train-stage2 train: install
 	test -f accelerate_configs/$$strategy.yaml || { echo "error: no accelerate_configs/$$strategy.yaml (available: $$(ls accelerate_configs/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ') auto)"; exit 2; }; \
 	$(BIN)/python -m train check-launch $(RECIPE) $(ARGS) --strategy $$strategy --processes $$(( $(GPUS) * $(NODES) )) \
 	  --config-file accelerate_configs/$$strategy.yaml || exit 2; \
-	$(BIN)/accelerate launch --config_file accelerate_configs/$$strategy.yaml \
+	exec $(BIN)/python -m train supervise -- $(BIN)/accelerate launch --config_file accelerate_configs/$$strategy.yaml \
 	  --num_processes $$(( $(GPUS) * $(NODES) )) --num_machines $(NODES) --machine_rank $(NODE_RANK) \
 	  --main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT) \
 	  -m train sft $(RECIPE) $(ARGS)

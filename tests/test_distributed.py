@@ -267,3 +267,44 @@ def test_preemption_of_one_rank_stops_all_ranks_at_the_same_step(reference):
     run(full, data, "ddp", 1, ["training.max_steps=12", "training.save_steps=100"])
     assert max_adapter_diff(full, out) < 1e-4
     assert max(abs(a - b) for a, b in zip(losses(full), losses(out), strict=True)) < 1e-4
+
+
+@pytest.mark.parametrize("target", ["launcher", "supervisor"])
+def test_sigterm_to_the_launch_saves_mid_accumulation_exits_0_and_resumes_exactly(reference, target):
+    """`make train-*` runs `python -m train supervise -- accelerate launch ...`: a SIGTERM to the launcher
+    (torchrun's agent) or to the supervisor above it ends in a checkpoint and exit 0, not a kill 30 s later."""
+    import signal
+    import time
+
+    root, data = reference
+    accumulate = ["training.per_device_train_batch_size=1", "training.gradient_accumulation_steps=4"]
+    settings = [*COMMON, "training.max_steps=6", "training.save_steps=100", *accumulate, f"data.processed_dir={data}"]
+    out = root / f"sigterm-{target}"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="")
+    launch = ["accelerate.commands.launch", "--config_file", "accelerate_configs/ddp.yaml", "--num_processes", "2"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train", "supervise", "--", sys.executable, "-m", *launch,
+         "--main_process_port", str(_free_port()), "-m", "train", "sft", RECIPE, *settings, f"output_dir={out}"],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    deadline = time.time() + 300
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and losses(out)):
+        time.sleep(0.05)
+    launcher = int(subprocess.run(["pgrep", "-P", str(proc.pid)], capture_output=True, text=True).stdout.split()[0])
+    os.kill(launcher if target == "launcher" else proc.pid, signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 0, stderr[-3000:]
+    step = int(stderr.split("preempted at step ")[1].split(";")[0])
+    assert step < 6 and (out / f"checkpoint-{step}" / "checkpoint.json").is_file()
+    assert float(stderr.split("s after the signal")[0].rsplit(" ", 1)[1]) < 30  # well inside any grace period
+    resumed = subprocess.run(
+        [sys.executable, "-m", *launch, "--main_process_port", str(_free_port()), "-m", "train", "sft", RECIPE,
+         *settings, f"output_dir={out}", "training.resume_from_checkpoint=auto"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    full = root / "ddp-accumulate-6"
+    if not (full / "stage.json").is_file():
+        run(full, data, "ddp", 1, ["training.max_steps=6", "training.save_steps=100", *accumulate])
+    assert max_adapter_diff(full, out) < 1e-4
+    assert max(abs(a - b) for a, b in zip(losses(full), losses(out), strict=True)) < 1e-4

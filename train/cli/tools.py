@@ -1,4 +1,4 @@
-"""Helper commands: demo, build-tiny, pick-strategy, recipe-help."""
+"""Helper commands: demo, build-tiny, pick-strategy, check-launch, supervise, recipe-help."""
 
 from __future__ import annotations
 
@@ -75,6 +75,18 @@ def _check_launch(args) -> None:
     sys.stderr.write(f"check-launch: {args.recipe} is ready for {args.strategy} on {args.processes} process(es)\n")
 
 
+def _supervise_arguments(p) -> None:
+    import argparse
+
+    p.add_argument("launch", nargs=argparse.REMAINDER, help="-- accelerate launch ... -m train sft RECIPE [overrides]")
+
+
+def _supervise(args) -> None:
+    from train.methods.supervise import main
+
+    main(args.launch)
+
+
 def _recipe_help_arguments(p) -> None:
     p.add_argument("section", nargs="?", help="one section, e.g. training or data.dedup (default: all)")
     p.add_argument("--markdown", action="store_true", help="the reference page (docs/recipe-reference.md)")
@@ -102,6 +114,12 @@ COMMANDS = [
         "the stage's start-up checks, once, before a distributed launch (make train-*)",
         _check_launch_arguments,
         _check_launch,
+    ),
+    Command(
+        "supervise",
+        "run a launch so a preemption signal ends in a checkpoint and exit 0 (make train-*, slurm.sbatch)",
+        _supervise_arguments,
+        _supervise,
     ),
     Command("recipe-help", "every recipe field with its type, default and help", _recipe_help_arguments, _recipe_help),
 ]

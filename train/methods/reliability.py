@@ -3,8 +3,9 @@
 - Checkpoints are written to `tmp-checkpoint-N`, listed in `checkpoint.json` (every file and its
   size) and renamed to `checkpoint-N` only when complete. Resuming takes the newest checkpoint whose
   listing matches the files on disk, so a save cut short or a truncated file is never chosen.
-- SIGTERM / SIGINT set a flag; at the next optimizer-step boundary every rank agrees, the run saves a
-  full checkpoint and stops; the stage command (sft, reward, dpo, grpo) then exits 0 saying how to resume.
+- SIGTERM / SIGINT / SIGUSR1 set a flag; at the next micro-batch boundary (or evaluation batch) every
+  rank agrees, the run saves a full checkpoint of the last finished step and stops; the stage command
+  (sft, reward, dpo, grpo) then exits 0 saying how to resume.
 - A non-finite loss or gradient before an optimizer step is either skipped (the weights and the
   optimizer state do not change; counted) or aborts the run with a checkpoint of the last good state.
 """
@@ -16,6 +17,7 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 
 import torch
@@ -100,20 +102,37 @@ def commit_checkpoint(staging: Path, final: Path, step: int) -> None:
 # Preemption
 
 
+class EvaluationPreempted(Exception):
+    """Raised between evaluation batches when a preemption signal arrived: the evaluation is dropped."""
+
+
+PREEMPTION_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGUSR1)
+
+
 class PreemptionCallback(TrainerCallback):
-    """SIGTERM/SIGINT -> save a checkpoint at the next step boundary and stop, on every rank."""
+    """SIGTERM, SIGINT or SIGUSR1 (SLURM's early warning) -> save a checkpoint and stop, on every rank.
+
+    The ranks agree at every micro-batch boundary (one all-reduce of a flag), not only at the end of an
+    optimizer step: with long accumulation a step can outlast the scheduler's grace period. Stopping
+    inside an accumulation saves the state of the last finished step (weights, optimizer, scheduler,
+    data position); the partial gradients are dropped and that step is trained again on resume.
+    During evaluation, the check runs after every evaluation batch and drops the evaluation.
+    """
 
     def __init__(self):
         self.requested = False
+        self.signalled_at: float | None = None  # time.monotonic() of the first signal
         self.preempted_at: int | None = None
         self._previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in PREEMPTION_SIGNALS:
             self._previous[sig] = signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         if not self.requested:
+            self.signalled_at = time.monotonic()
             log.warning(
-                "received %s: saving a checkpoint at the next step boundary, then stopping", signal.Signals(signum).name
+                "received %s: saving a checkpoint at the next micro-batch boundary, then stopping",
+                signal.Signals(signum).name,
             )
         self.requested = True
 
@@ -121,11 +140,25 @@ class PreemptionCallback(TrainerCallback):
         for sig, previous in self._previous.items():
             signal.signal(sig, previous)
 
-    def on_step_end(self, args, state, control, **kwargs):
-        if _any_rank(self.requested):
+    def _stop(self, state, control):
+        if self.preempted_at is None and _any_rank(self.requested):
             self.preempted_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
+        return control
+
+    def on_step_end(self, args, state, control, **kwargs):
+        return self._stop(state, control)
+
+    def on_substep_end(self, args, state, control, **kwargs):
+        # The Trainer leaves its micro-batch loop when should_training_stop is set; the save then
+        # happens at the epoch's end (its _maybe_log_save_evaluate), with the last finished step's state.
+        return self._stop(state, control)
+
+    def on_prediction_step(self, args, state, control, **kwargs):
+        if self.preempted_at is None and _any_rank(self.requested):
+            self.preempted_at = state.global_step
+            raise EvaluationPreempted(f"preempted during evaluation at step {state.global_step}")
         return control
 
 

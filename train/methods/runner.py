@@ -39,6 +39,7 @@ from train.methods.launch import (
 from train.methods.outdir import STAGE_STATE
 from train.methods.record import MetricsLogCallback, losses, write_stage_outputs
 from train.methods.reliability import (
+    EvaluationPreempted,
     NonFiniteGuard,
     PreemptionCallback,
     check_free_disk,
@@ -46,6 +47,7 @@ from train.methods.reliability import (
     lora_parameter_estimate,
     newest_complete_checkpoint,
 )
+from train.methods.supervise import write_marker
 from train.models.lineage import ADAPTER_DIR, adapter_chain
 from train.models.loading import load_model_config, load_tokenizer
 
@@ -204,26 +206,33 @@ def save_adapter(trainer, out: Path, tokenizer) -> Path:
     return adapter_dir
 
 
+def _resume_command(recipe: Recipe, method: Method) -> str:
+    """The command as it was run, overrides included; a time box (stop_at_step) would stop the resumed run again."""
+    return stage_command(recipe, method.name, "training.resume_from_checkpoint=auto", drop=("training.stop_at_step",))
+
+
 def _stopped(recipe: Recipe, method: Method, out: Path, trainer, guard, preemption, stop) -> dict | None:
     """None when training ran to its end; an 'interrupted' record, or a UserError for an abort."""
-    # The command as it was run, overrides included; a time box (stop_at_step) would stop the resumed run again.
-    resume_cmd = stage_command(
-        recipe, method.name, "training.resume_from_checkpoint=auto", drop=("training.stop_at_step",)
-    )
+    resume_cmd = _resume_command(recipe, method)
     if guard.aborted_at is not None:
         raise UserError(
             f"non-finite loss or gradient at step {guard.aborted_at} (training.nonfinite={recipe.training.nonfinite}, "
             f"{guard.skipped} bad steps); the last good state is saved in {out}/checkpoint-{trainer.state.global_step}; "
             f"lower the learning rate or check the data, then resume: {resume_cmd}"
         )
-    interrupted = preemption.preempted_at or stop.stopped_at
+    interrupted = preemption.preempted_at if preemption.preempted_at is not None else stop.stopped_at
     if interrupted is None:
         return None
     why = "preempted" if preemption.preempted_at is not None else "stopped (training.stop_at_step)"
-    message = f"{why} at step {interrupted}; checkpoint saved in {out}; resume with: {resume_cmd}"
+    latency = ""
+    if preemption.signalled_at is not None:
+        latency = f" {time.monotonic() - preemption.signalled_at:.2f}s after the signal"
+    message = f"{why} at step {interrupted}; checkpoint saved in {out}{latency}; resume with: {resume_cmd}"
     log.warning(message)
     if trainer.is_world_process_zero():
         sys.stderr.write(message + "\n")
+    if preemption.preempted_at is not None and trainer.is_local_process_zero():  # one per node: its supervisor
+        write_marker(interrupted, str(out))  # exits 0 even if the launcher did not
     return {
         "stage": recipe.stage,
         "method": method.name,
@@ -324,7 +333,6 @@ def run_stage(recipe: Recipe, method: Method, overwrite: bool = False) -> dict:
 
 
 def _run_stage(recipe: Recipe, method: Method, overwrite: bool) -> dict:
-    from transformers import set_seed
 
     started = time.perf_counter()
     if recipe.method != method.name:
@@ -341,6 +349,16 @@ def _run_stage(recipe: Recipe, method: Method, overwrite: bool) -> dict:
     if finished is not None:
         return finished
     _claim(recipe, out, resume, overwrite)
+    preemption = PreemptionCallback()  # from here on a signal is a request to stop cleanly
+    try:
+        return _train(recipe, method, out, launch, resume, preemption, started)
+    finally:
+        preemption.restore()
+
+
+def _train(recipe: Recipe, method: Method, out: Path, launch, resume, preemption, started: float) -> dict:
+    from transformers import set_seed
+
     method.check(recipe)
     set_seed(recipe.training.seed)
     adapter_chain(recipe.parent)  # parent stages present, before any heavy work
@@ -349,7 +367,7 @@ def _run_stage(recipe: Recipe, method: Method, overwrite: bool) -> dict:
     data = method.data(recipe, tokenizer, launch)
     if is_main_process():
         trim_metrics_log(out / "metrics.jsonl", resume)
-    preemption, stop = PreemptionCallback(), StopAtStep(recipe.training.stop_at_step)
+    stop = StopAtStep(recipe.training.stop_at_step)
     trainer = method.trainer(
         recipe, tokenizer, data, out, [MetricsLogCallback(out / "metrics.jsonl"), preemption, stop]
     )
@@ -371,14 +389,21 @@ def _run_stage(recipe: Recipe, method: Method, overwrite: bool) -> dict:
         launch.world_size,
         sharding,
     )
-    try:
-        result = trainer.train(resume_from_checkpoint=resume)
-    finally:
-        preemption.restore()
+    if preemption.requested:  # signalled while loading: nothing trained, nothing to save
+        again = _resume_command(recipe, method)
+        message = f"preempted before training began; nothing to save; run again with: {again}"
+        log.warning(message)
+        if trainer.is_world_process_zero():
+            sys.stderr.write(message + "\n")
+        return {"stage": recipe.stage, "method": method.name, "status": "interrupted", "step": 0, "resume": again}
+    result = trainer.train(resume_from_checkpoint=resume)
     interrupted = _stopped(recipe, method, out, trainer, guard, preemption, stop)
     if interrupted is not None:
         return interrupted
-    eval_metrics = trainer.evaluate() if data.eval is not None else {}
+    try:
+        eval_metrics = trainer.evaluate() if data.eval is not None else {}
+    except EvaluationPreempted:  # the last checkpoint holds every step; a resume only evaluates and saves
+        return _stopped(recipe, method, out, trainer, guard, preemption, stop)
     save_adapter(trainer, out, tokenizer)
     if trainer.is_world_process_zero():
         method.save_extra(trainer, out, tokenizer)

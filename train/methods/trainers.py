@@ -22,7 +22,7 @@ from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTConfig, SFTTrainer
 from train.core.config import Recipe
 from train.core.errors import UserError
 from train.methods.outdir import STAGE_STATE  # in each checkpoint: the run's identity and our counters
-from train.methods.reliability import commit_checkpoint, guard_optimizer_step
+from train.methods.reliability import EvaluationPreempted, commit_checkpoint, guard_optimizer_step
 
 # Settings that would put a secret into saved training args; they come from the environment.
 SECRET_ARGS = {"hub_token", "push_to_hub_token"}
@@ -71,6 +71,22 @@ class StageTrainerMixin:
                 best_model_checkpoint=self.state.best_model_checkpoint,
             )
         self.accelerator.wait_for_everyone()
+
+    def _evaluate(self, trial, ignore_keys_for_eval, skip_scheduler=False):
+        """A preemption during an evaluation drops it: save the step's checkpoint and stop instead."""
+        try:
+            return super()._evaluate(trial, ignore_keys_for_eval, skip_scheduler)
+        except EvaluationPreempted:
+            self.control.should_evaluate = False  # on_evaluate, which resets it, never ran
+            self.control.should_save = True
+            self.control.should_training_stop = True
+            self.evaluation_dropped = True
+            return {}
+
+    def _determine_best_metric(self, metrics, trial):
+        if getattr(self, "evaluation_dropped", False):  # no metrics: not a new best
+            return False
+        return super()._determine_best_metric(metrics, trial)
 
     def count_tokens(self, inputs) -> None:
         """Hook for trainers that report padding efficiency."""
