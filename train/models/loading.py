@@ -8,6 +8,7 @@ loads that folder quantized again.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import os
@@ -178,6 +179,24 @@ def load_merged_16bit(base: str, adapters: list[Path], model_cfg: ModelConfig, a
 PARENT_CHAIN = "parent_chain.json"
 
 
+@contextlib.contextmanager
+def without_zero3():
+    """Load on this process alone, unpartitioned, while a ZeRO-3 config is live.
+
+    Under ZeRO-3, transformers' from_pretrained shards weights as they load (deepspeed.zero.Init), which
+    is a collective: one rank loading alone waits for ranks that never join (a hang), and merging an
+    adapter into sharded weights sees empty tensors. The parent chain is merged with the config set aside.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; unset/set are public
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = live
+
+
 def chain_fingerprint(recipe: Recipe, adapters: list[Path]) -> str:
     """Changes when the base, its dtype or any ancestor's adapter changes (a parent trained again)."""
     import hashlib
@@ -209,7 +228,8 @@ def parent_merged_dir(recipe: Recipe, adapters: list[Path]) -> str:
         if state.is_main_process and current != fingerprint:
             if current is not None or merged_dir.exists():
                 log.info("parent_merged in %s is from another parent chain: merging again", merged_dir)
-            merged = load_merged_16bit(recipe.model.name_or_path, adapters, recipe.model)
+            with without_zero3():
+                merged = load_merged_16bit(recipe.model.name_or_path, adapters, recipe.model)
             tmp = merged_dir.with_name("parent_merged.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             merged.save_pretrained(tmp, safe_serialization=True)
@@ -232,11 +252,13 @@ def load_model_for_training(recipe: Recipe):
     adapters = adapter_chain(recipe.parent)
     check_parent_base(recipe)
     quant = quantization_config(model_cfg)
-    if adapters and quant is None:
+    from transformers.integrations import is_deepspeed_zero3_enabled
+
+    if adapters and quant is None and not is_deepspeed_zero3_enabled():
         return load_merged_16bit(model_cfg.name_or_path, adapters, model_cfg, model_cfg.attn_implementation)
 
     source = resolve_model_path(model_cfg.name_or_path)
-    if adapters:  # quantized child of a parent: merge in 16-bit once, then reload quantized
+    if adapters:  # quantized (or ZeRO-3-sharded) child: merge in 16-bit once on one process, then reload
         source = parent_merged_dir(recipe, adapters)
     kwargs = {}
     if quant is not None and torch.cuda.is_available():
