@@ -88,3 +88,38 @@ def test_a_second_run_in_a_busy_folder_is_refused_with_the_first_ones_pid(stage1
     stage1_dict["training"]["max_steps"] = 1
     run_sft(make_recipe(stage1_dict))
     assert not (out / outdir.LOCK_FILE).exists()
+
+
+def test_a_failed_adapter_save_keeps_the_earlier_adapter(tmp_path):
+    """adapter/ is written aside and swapped in: a full disk mid-save leaves the earlier one in place."""
+    import errno
+    from types import SimpleNamespace
+
+    from train.methods.runner import save_adapter
+
+    earlier = tmp_path / "adapter"
+    earlier.mkdir()
+    (earlier / "adapter_model.safetensors").write_bytes(b"earlier weights")
+
+    def full_disk(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "adapter_model.safetensors").write_bytes(b"half")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    trainer = SimpleNamespace(
+        is_world_process_zero=lambda: True,
+        accelerator=SimpleNamespace(wait_for_everyone=lambda: None),
+        save_model=full_disk,
+    )
+    with pytest.raises(OSError, match="No space left"):
+        save_adapter(trainer, tmp_path, tokenizer=None)
+    assert (earlier / "adapter_model.safetensors").read_bytes() == b"earlier weights"
+
+    def fine(folder):
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "adapter_model.safetensors").write_bytes(b"new weights")
+
+    trainer.save_model = fine
+    save_adapter(trainer, tmp_path, tokenizer=SimpleNamespace(save_pretrained=lambda folder: None))
+    assert (earlier / "adapter_model.safetensors").read_bytes() == b"new weights"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
