@@ -271,7 +271,7 @@ def test_same_seed_same_losses_other_seed_different(stage1_dict, tmp_path):
 
 
 def test_a_damaged_last_line_in_metrics_log_does_not_break_resume(tmp_path):
-    from train.methods.runner import trim_metrics_log
+    from train.methods.record import trim_metrics_log
 
     checkpoint = tmp_path / "checkpoint-3"
     checkpoint.mkdir()

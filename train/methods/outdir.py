@@ -15,17 +15,18 @@ import hashlib
 import json
 import os
 import socket
+import sys
 import time
 from pathlib import Path
 
 from train.core.config import Recipe, recipe_to_dict
 from train.core.errors import UserError
-from train.core.log import get_logger
+from train.core.log import get_logger, is_main_process
+from train.methods.reliability import checkpoint_identity, checkpoint_problem, newest_complete_checkpoint
 
 log = get_logger("outdir")
 
 LOCK_FILE = ".run.lock"
-STAGE_STATE = "stage_state.json"  # in each checkpoint (train.methods.trainers writes it)
 # How a run is started, stopped, logged or stored: none of these makes it another run.
 NOT_IDENTITY = {
     "resume_from_checkpoint",
@@ -52,13 +53,6 @@ def recipe_identity(recipe: Recipe) -> str:
 
 def run_identity(recipe: Recipe, data_fingerprint: str | None) -> dict:
     return {"recipe": recipe_identity(recipe), "data": data_fingerprint}
-
-
-def checkpoint_identity(folder: Path) -> dict | None:
-    try:
-        return json.loads((folder / STAGE_STATE).read_text(encoding="utf-8")).get("run")
-    except (OSError, ValueError, AttributeError):
-        return None
 
 
 def _checkpoints(out: Path) -> list[Path]:
@@ -148,6 +142,66 @@ def check_resume_data(resume: str | None, identity: dict) -> None:
             "sources or data settings changed); resuming would mix two datasets. Restore the data, or start fresh "
             "with --overwrite"
         )
+
+
+# ---------------------------------------------------------------------------------------------
+# Where this run starts: writable, resumed from which checkpoint, or already complete.
+
+
+def check_writable(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write_probe.{os.getpid()}"  # one per process: ranks share the folder
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"output_dir {out} is not writable ({err.strerror})") from None
+
+
+def resume_point(recipe: Recipe, out: Path) -> str | None:
+    wanted = recipe.training.resume_from_checkpoint
+    if wanted is None:
+        return None
+    if wanted != "auto":
+        problem = checkpoint_problem(Path(wanted)) if Path(wanted).is_dir() else "not a folder"
+        if problem:
+            raise UserError(f"training.resume_from_checkpoint: {wanted} cannot be resumed from: {problem}")
+        return wanted
+    last = newest_complete_checkpoint(out, recipe_identity(recipe)) if out.is_dir() else None
+    log.info("resume: %s", f"from {last}" if last else "no complete checkpoint in output_dir, starting fresh")
+    return str(last) if last else None
+
+
+def _same_run(saved: dict, recipe: Recipe) -> bool:
+    """The saved stage.json recipe is this recipe, apart from how the run was started or stopped."""
+
+    def comparable(d: dict) -> dict:
+        training = {
+            k: v
+            for k, v in d.get("training", {}).items()
+            if k not in ("resume_from_checkpoint", "stop_at_step", "gradient_accumulation_steps")
+        }
+        return {**d, "training": training}
+
+    return comparable(saved) == comparable(recipe_to_dict(recipe))
+
+
+def finished_stage(recipe: Recipe, out: Path) -> dict | None:
+    """The stage record when `resume_from_checkpoint: auto` finds this stage already complete (stage.json of
+    the same recipe, all steps done): resuming would train past the end or redo finished steps."""
+    if recipe.training.resume_from_checkpoint != "auto" or not (out / "stage.json").is_file():
+        return None
+    record = json.loads((out / "stage.json").read_text(encoding="utf-8"))
+    steps = record.get("metrics", {}).get("global_steps") or 0
+    if not _same_run(record.get("recipe", {}), recipe) or 0 < recipe.training.max_steps > steps:
+        return None
+    message = (
+        f"stage {recipe.stage} in {out} is already complete ({steps} steps, stage.json written); nothing to resume"
+    )
+    log.warning(message)
+    if is_main_process():
+        sys.stderr.write(message + "\n")
+    return {**record, "status": "complete"}
 
 
 # ---------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ environment), and nothing from the environment is copied into it.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import time
 from pathlib import Path
@@ -15,8 +16,10 @@ from transformers import TrainerCallback
 
 from train.core.config import TINY_MODEL, Recipe, recipe_to_dict
 from train.core.io import write_json, write_jsonl
-from train.core.log import is_main_process
+from train.core.log import get_logger, is_main_process
 from train.core.paths import REPO_ROOT
+
+log = get_logger("record")
 
 
 def _tiny_build() -> str:
@@ -112,3 +115,34 @@ def write_stage_outputs(recipe: Recipe, out: Path, manifest: dict, metrics: dict
         )
         plot_loss_curve(log_history, out / "loss_curve.png", f"{recipe.stage}")
     return record
+
+
+def trim_metrics_log(path: Path, resume: str | None) -> None:
+    """Keep the log of the steps the checkpoint holds; drop steps that will be trained again."""
+    if resume is None:
+        path.unlink(missing_ok=True)
+        return
+    if not path.is_file():
+        return
+    step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
+    kept, damaged = [], 0
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            if json.loads(line).get("step", 0) <= step:
+                kept.append(line)
+        except ValueError:  # a line cut short (a full disk, a kill mid-write): not a step to keep
+            damaged += 1
+    if damaged:
+        log.warning("%s: dropped %d damaged line(s) while resuming", path, damaged)
+    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+
+
+def mean_logged_loss(history: list[dict]) -> float | None:
+    """The mean step loss of the whole run from its log (each logged loss covers the steps since the last)."""
+    total, steps, last = 0.0, 0, 0
+    for rec in history:
+        if "loss" in rec and "step" in rec and rec["step"] > last:
+            total += rec["loss"] * (rec["step"] - last)
+            steps += rec["step"] - last
+            last = rec["step"]
+    return total / steps if steps else None

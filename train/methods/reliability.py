@@ -29,6 +29,7 @@ from train.core.log import get_logger
 log = get_logger("reliability")
 
 MANIFEST = "checkpoint.json"
+STAGE_STATE = "stage_state.json"  # in each checkpoint: the run's identity and our counters (tokens seen)
 CHECKPOINT_RE = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -67,10 +68,15 @@ def checkpoint_problem(folder: Path) -> str | None:
     return None
 
 
+def checkpoint_identity(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / STAGE_STATE).read_text(encoding="utf-8")).get("run")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
 def newest_complete_checkpoint(output_dir: Path, identity: str | None = None) -> Path | None:
     """The newest checkpoint that is complete and, with `identity`, was written by that run (recipe identity)."""
-    from train.methods.outdir import checkpoint_identity
-
     found = sorted(
         (
             (int(m.group(1)), p)

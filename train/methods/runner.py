@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import shutil
 import sys
 import time
@@ -23,7 +22,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from train.core.config import Recipe, recipe_to_dict
+from train.core.config import Recipe
 from train.core.errors import UserError
 from train.core.log import get_logger, is_main_process
 from train.methods import outdir
@@ -36,16 +35,15 @@ from train.methods.launch import (
     sharding_in_effect,
     stage_command,
 )
-from train.methods.outdir import STAGE_STATE
-from train.methods.record import MetricsLogCallback, losses, write_stage_outputs
+from train.methods.outdir import check_writable, finished_stage, resume_point
+from train.methods.record import MetricsLogCallback, losses, mean_logged_loss, trim_metrics_log, write_stage_outputs
 from train.methods.reliability import (
+    STAGE_STATE,
     EvaluationPreempted,
     NonFiniteGuard,
     PreemptionCallback,
     check_free_disk,
-    checkpoint_problem,
     lora_parameter_estimate,
-    newest_complete_checkpoint,
 )
 from train.methods.supervise import write_marker
 from train.models.lineage import ADAPTER_DIR, adapter_chain
@@ -96,93 +94,6 @@ class StopAtStep(TrainerCallback):
             control.should_save = True
             control.should_training_stop = True
         return control
-
-
-def check_writable(out: Path) -> None:
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / f".write_probe.{os.getpid()}"  # one per process: ranks share the folder
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as err:
-        raise UserError(f"output_dir {out} is not writable ({err.strerror})") from None
-
-
-def resume_point(recipe: Recipe, out: Path) -> str | None:
-    wanted = recipe.training.resume_from_checkpoint
-    if wanted is None:
-        return None
-    if wanted != "auto":
-        problem = checkpoint_problem(Path(wanted)) if Path(wanted).is_dir() else "not a folder"
-        if problem:
-            raise UserError(f"training.resume_from_checkpoint: {wanted} cannot be resumed from: {problem}")
-        return wanted
-    last = newest_complete_checkpoint(out, outdir.recipe_identity(recipe)) if out.is_dir() else None
-    log.info("resume: %s", f"from {last}" if last else "no complete checkpoint in output_dir, starting fresh")
-    return str(last) if last else None
-
-
-def trim_metrics_log(path: Path, resume: str | None) -> None:
-    """Keep the log of the steps the checkpoint holds; drop steps that will be trained again."""
-    if resume is None:
-        path.unlink(missing_ok=True)
-        return
-    if not path.is_file():
-        return
-    step = json.loads((Path(resume) / "trainer_state.json").read_text())["global_step"]
-    kept, damaged = [], 0
-    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
-        try:
-            if json.loads(line).get("step", 0) <= step:
-                kept.append(line)
-        except ValueError:  # a line cut short (a full disk, a kill mid-write): not a step to keep
-            damaged += 1
-    if damaged:
-        log.warning("%s: dropped %d damaged line(s) while resuming", path, damaged)
-    path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-
-
-def mean_logged_loss(history: list[dict]) -> float | None:
-    """The mean step loss of the whole run from its log (each logged loss covers the steps since the last)."""
-    total, steps, last = 0.0, 0, 0
-    for rec in history:
-        if "loss" in rec and "step" in rec and rec["step"] > last:
-            total += rec["loss"] * (rec["step"] - last)
-            steps += rec["step"] - last
-            last = rec["step"]
-    return total / steps if steps else None
-
-
-def _same_run(saved: dict, recipe: Recipe) -> bool:
-    """The saved stage.json recipe is this recipe, apart from how the run was started or stopped."""
-
-    def comparable(d: dict) -> dict:
-        training = {
-            k: v
-            for k, v in d.get("training", {}).items()
-            if k not in ("resume_from_checkpoint", "stop_at_step", "gradient_accumulation_steps")
-        }
-        return {**d, "training": training}
-
-    return comparable(saved) == comparable(recipe_to_dict(recipe))
-
-
-def finished_stage(recipe: Recipe, out: Path) -> dict | None:
-    """The stage record when `resume_from_checkpoint: auto` finds this stage already complete (stage.json of
-    the same recipe, all steps done): resuming would train past the end or redo finished steps."""
-    if recipe.training.resume_from_checkpoint != "auto" or not (out / "stage.json").is_file():
-        return None
-    record = json.loads((out / "stage.json").read_text(encoding="utf-8"))
-    steps = record.get("metrics", {}).get("global_steps") or 0
-    if not _same_run(record.get("recipe", {}), recipe) or 0 < recipe.training.max_steps > steps:
-        return None
-    message = (
-        f"stage {recipe.stage} in {out} is already complete ({steps} steps, stage.json written); nothing to resume"
-    )
-    log.warning(message)
-    if is_main_process():
-        sys.stderr.write(message + "\n")
-    return {**record, "status": "complete"}
 
 
 def save_adapter(trainer, out: Path, tokenizer) -> Path:

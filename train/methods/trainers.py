@@ -21,8 +21,7 @@ from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTConfig, SFTTrainer
 
 from train.core.config import Recipe
 from train.core.errors import UserError
-from train.methods.outdir import STAGE_STATE  # in each checkpoint: the run's identity and our counters
-from train.methods.reliability import EvaluationPreempted, commit_checkpoint, guard_optimizer_step
+from train.methods.reliability import STAGE_STATE, EvaluationPreempted, commit_checkpoint, guard_optimizer_step
 
 # Settings that would put a secret into saved training args; they come from the environment.
 SECRET_ARGS = {"hub_token", "push_to_hub_token"}
