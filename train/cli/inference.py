@@ -39,8 +39,7 @@ def _generate_arguments(p) -> None:
 
 def _generate(args) -> None:
     from train.core.config import DecodingConfig
-    from train.inference.generate import make_generator
-    from train.inference.targets import resolve_targets
+    from train.inference.generate import generate_candidates
 
     if args.input:
         rows = read_jsonl(args.input)
@@ -56,11 +55,9 @@ def _generate(args) -> None:
         **{flag[2:].replace("-", "_"): getattr(args, flag[2:].replace("-", "_")) for flag, _, _ in DECODING_FLAGS},
     )
     decoding.validate("generate")
-    # generate_candidates() with the user's --trust-remote-code carried to the stage's loader
-    (target,) = resolve_targets([args.target], checkpoints=False, trust_remote_code=args.trust_remote_code)
-    generator = make_generator(target)
-    prompts = [generator.render(q) for q in questions]
-    candidates = generator.generate(prompts, decoding, args.batch_size)
+    prompts, candidates = generate_candidates(
+        args.target, questions, decoding, args.batch_size, trust_remote_code=args.trust_remote_code
+    )
     lines = [
         {"question": q, "prompt": p, "completions": [{"text": t, "logprob": round(lp, 4)} for t, lp in c]}
         for q, p, c in zip(questions, prompts, candidates, strict=True)

@@ -26,9 +26,13 @@ def make_generator(target: Target):
     return HFGenerator(target)
 
 
-def generate_candidates(target: str | Path, questions: list[str], decoding=None, batch_size: int = 8):
-    """(prompts, candidates): for each question its rendered prompt and [(completion, total log-prob), ...]."""
-    (resolved,) = resolve_targets([str(target)], checkpoints=False)
+def generate_candidates(
+    target: str | Path, questions: list[str], decoding=None, batch_size: int = 8, trust_remote_code: bool = False
+):
+    """(prompts, candidates): for each question its rendered prompt and [(completion, total log-prob), ...].
+
+    `trust_remote_code`: the user's opt-in to a stage whose stored recipe asks for remote code."""
+    (resolved,) = resolve_targets([str(target)], checkpoints=False, trust_remote_code=trust_remote_code)
     generator = make_generator(resolved)
     prompts = [generator.render(q) for q in questions]
     return prompts, generator.generate(prompts, decoding or DecodingConfig(), batch_size)
