@@ -55,6 +55,11 @@ def submit(env: dict, root: Path, *args: str, options: tuple[str, ...] = ()) -> 
     return proc.stdout.strip().split(";")[0]
 
 
+def stage_job(env: dict, root: Path, *overrides: str, options: tuple[str, ...] = ()) -> str:
+    """sbatch accelerate_configs/slurm.sbatch RECIPE ddp <COMMON> <overrides>."""
+    return submit(env, root, "accelerate_configs/slurm.sbatch", RECIPE, "ddp", *COMMON, *overrides, options=options)
+
+
 def job_state(env: dict, job: str) -> dict:
     text = subprocess.run(["scontrol", "show", "job", job], env=env, capture_output=True, text=True).stdout
     return dict(re.findall(r"(JobState|ExitCode|RunTime)=(\S+)", text))
@@ -69,6 +74,14 @@ def wait_for(env: dict, job: str, timeout: float = 300) -> dict:
         time.sleep(1)
     subprocess.run(["scancel", job], env=env)
     raise AssertionError(f"job {job} still running after {timeout}s")
+
+
+def finished_cleanly(env: dict, root: Path, job: str) -> tuple[dict, str]:
+    """(state, log) of a job that ended COMPLETED with exit code 0."""
+    state = wait_for(env, job)
+    log = (root / f"slurm-{job}.log").read_text(errors="replace")  # tqdm bars cut mid-character
+    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    return state, log
 
 
 def first_loss_logged(out: Path, timeout: float = 240) -> None:
@@ -96,37 +109,14 @@ def test_scancel_early_warning_saves_exits_0_and_the_printed_resume_finishes_the
     env, root = cluster
     data = f"data.processed_dir={root}/data"
     full = root / "full"
-    reference = submit(
-        env,
-        root,
-        "accelerate_configs/slurm.sbatch",
-        RECIPE,
-        "ddp",
-        *COMMON,
-        "training.max_steps=12",
-        data,
-        f"output_dir={full}",
-    )
-    done = wait_for(env, reference)
-    assert (done["JobState"], done["ExitCode"]) == ("COMPLETED", "0:0"), (root / f"slurm-{reference}.log").read_text()
+    reference = stage_job(env, root, "training.max_steps=12", data, f"output_dir={full}")
+    finished_cleanly(env, root, reference)
 
     out = root / "preempted"
-    job = submit(
-        env,
-        root,
-        "accelerate_configs/slurm.sbatch",
-        RECIPE,
-        "ddp",
-        *COMMON,
-        "training.max_steps=12",
-        data,
-        f"output_dir={out}",
-    )
+    job = stage_job(env, root, "training.max_steps=12", data, f"output_dir={out}")
     first_loss_logged(out)
     subprocess.run(["scancel", "--signal=USR1", "--batch", job], env=env, check=True)
-    state = wait_for(env, job)
-    log = (root / f"slurm-{job}.log").read_text()
-    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    _, log = finished_cleanly(env, root, job)
     assert "USR1 received" in log and "received SIGUSR1" in log
     step = int(re.search(r"preempted at step (\d+)", log).group(1))
     assert step < 12 and checkpoint_problem(out / f"checkpoint-{step}") is None
@@ -135,7 +125,7 @@ def test_scancel_early_warning_saves_exits_0_and_the_printed_resume_finishes_the
     printed = shlex.split(log.split("checkpoint saved; resume with: ")[1].splitlines()[0])
     assert printed[0] == "sbatch" and printed[-1] == "training.resume_from_checkpoint=auto"
     resumed = submit(env, root, *printed[1:])  # as printed (plus this machine's CPU/GPU overrides)
-    assert wait_for(env, resumed)["ExitCode"] == "0:0", (root / f"slurm-{resumed}.log").read_text()[-3000:]
+    finished_cleanly(env, root, resumed)
     assert json.loads((out / "stage.json").read_text())["metrics"]["resumed_from"].endswith(f"checkpoint-{step}")
     a, b = losses(full), losses(out)
     assert a.keys() == b.keys() and max(abs(a[k] - b[k]) for k in a) < 1e-4
@@ -146,21 +136,15 @@ def test_the_time_limit_warning_ends_the_job_cleanly_before_slurm_kills_it(clust
     env, root = cluster
     out = root / "time-limited"
     # A 2-minute limit, warned 90 s before: the job must stop itself ~30 s in, long before its 400 steps end.
-    job = submit(
+    job = stage_job(
         env,
         root,
-        "accelerate_configs/slurm.sbatch",
-        RECIPE,
-        "ddp",
-        *COMMON,
         "training.max_steps=400",
         f"data.processed_dir={root}/data",
         f"output_dir={out}",
         options=("--time=2", "--signal=B:USR1@90"),
     )
-    state = wait_for(env, job)
-    log = (root / f"slurm-{job}.log").read_text()
-    assert (state["JobState"], state["ExitCode"]) == ("COMPLETED", "0:0"), log[-3000:]
+    state, log = finished_cleanly(env, root, job)
     minutes, seconds = map(int, state["RunTime"].split(":")[-2:])
     assert minutes * 60 + seconds < 110  # ended by its own checkpoint-and-exit, not by SLURM's kill at 120 s
     step = int(re.search(r"preempted at step (\d+)", log).group(1))
