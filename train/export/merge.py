@@ -3,14 +3,17 @@
     python -m train merge outputs/stage2_korean --out outputs/stage2_korean/merged
     make merge STAGE=outputs/stage2_korean
 
-Memory: one copy of the model in the merge dtype (32B in bf16: ~65 GB of RAM, plus one 5 GB shard
-being written). The parity logits are taken from that same copy, first with the adapter unmerged,
-then merged in place, so the model is never held twice.
+Memory: the merge itself streams tensor by tensor from the base's shards (train/models/merging.py):
+its peak is about the largest tensor, whatever the model size. The parity check then loads the model
+once (base + adapter, then the written files, one at a time) where that fits in free memory, and
+otherwise recomputes a sample of merged tensors in float64. A pre-quantized base or `--dequantize`
+(the 4-bit weights training saw) merges in memory: one copy of the model in the merge dtype.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import replace
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from train.export.parity import PARITY_TEXTS, compare_logits, text_logits
 from train.inference.targets import stage_recipe
 from train.models.lineage import ADAPTER_DIR, adapter_chain, read_stage, stage_lineage
 from train.models.loading import load_merged_16bit, resolve_model_path, torch_dtype
+from train.models.merging import stream_merge
 
 log = get_logger("merge")
 
@@ -71,6 +75,75 @@ def _base_model(stage_dir: Path, info: dict, recipe, dtype: str, dequantize: boo
     return model.dequantize()
 
 
+def _merge_in_memory(stage_dir, info, recipe, adapter, tokenizer, texts, dtype, dequantize):
+    """(merged model, parity, effect): one copy of the model; the parity logits come from that same copy,
+    first with the adapter unmerged, then merged in place."""
+    from peft import PeftModel
+
+    model = PeftModel.from_pretrained(_base_model(stage_dir, info, recipe, dtype, dequantize), str(adapter)).eval()
+    with_adapter = text_logits(model, tokenizer, texts)
+    with model.disable_adapter():
+        without_adapter = text_logits(model, tokenizer, texts)
+    merged = model.merge_and_unload()
+    merged_logits = text_logits(merged, tokenizer, texts)
+    return merged, compare_logits(with_adapter, merged_logits), compare_logits(without_adapter, merged_logits)
+
+
+def _check_streamed(tmp: Path, stage_dir, info, recipe, adapter, tokenizer, texts, dtype, streamed: dict):
+    """(parity, effect, mode). Where two passes over the model fit in free memory: the logits of base +
+    adapter (PEFT, unmerged), then of the written files, one model at a time. Where they do not (a 32B
+    on a small host): the merged tensors of a sample of targeted weights recomputed in float64 from the
+    base and adapters and compared with what was written."""
+    import psutil
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    if streamed["bytes"] * 1.5 < psutil.virtual_memory().available:
+        parents = adapter_chain(info.get("parent"))
+        base = load_merged_16bit(info["base_model"], parents, replace(recipe.model, dtype=dtype))
+        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        with_adapter = text_logits(model, tokenizer, texts)
+        with model.disable_adapter():
+            without_adapter = text_logits(model, tokenizer, texts)
+        del model, base
+        merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype(dtype), low_cpu_mem_usage=True).eval()
+        merged_logits = text_logits(merged, tokenizer, texts)
+        del merged
+        parity, effect = compare_logits(with_adapter, merged_logits), compare_logits(without_adapter, merged_logits)
+        return parity, effect, "logits of base + adapter vs the written files"
+    from train.models.merging import check_sample
+
+    parity, effect = check_sample(
+        resolve_model_path(info["base_model"]), [*adapter_chain(info.get("parent")), adapter], tmp, dtype
+    )
+    log.warning(
+        "the model does not fit twice in free memory: checked %d merged tensors instead of logits", parity["checked"]
+    )
+    return (
+        parity,
+        effect,
+        f"{parity['checked']} sampled merged tensors recomputed in float64 (the model does not fit in memory)",
+    )
+
+
+def _set_generation_tokens(folder: Path, tokenizer) -> None:
+    from transformers import GenerationConfig
+
+    try:
+        generation = GenerationConfig.from_pretrained(folder)
+    except OSError:  # the base has none
+        generation = GenerationConfig()
+    generation.eos_token_id = tokenizer.eos_token_id
+    generation.pad_token_id = tokenizer.pad_token_id
+    generation.save_pretrained(folder)
+
+
+def _bytes(size: str) -> int:
+    from huggingface_hub.serialization._base import parse_size_to_int  # what save_pretrained parses "5GB" with
+
+    return parse_size_to_int(size)
+
+
 def merge_stage(
     stage_dir: str | Path,
     out: str | Path,
@@ -86,8 +159,7 @@ def merge_stage(
     `trust_remote_code`: the user's opt-in (--trust-remote-code) to a stored recipe's model.trust_remote_code;
     without it such a stage is refused before anything loads.
     """
-    from peft import PeftModel
-    from transformers import AutoTokenizer
+    from transformers import AutoConfig, AutoTokenizer
 
     stage_dir = Path(stage_dir).resolve()
     out = Path(out).resolve()
@@ -109,21 +181,29 @@ def merge_stage(
     if recipe.data.template == "reasoning":  # chat front ends must prompt the way this stage trained
         tokenizer.chat_template = reasoning_chat_template(recipe.data.system_prompt)
 
-    model = PeftModel.from_pretrained(_base_model(stage_dir, info, recipe, dtype, dequantize), str(adapter)).eval()
     texts = held_out_texts(stage_dir)
-    with_adapter = text_logits(model, tokenizer, texts)
-    with model.disable_adapter():
-        without_adapter = text_logits(model, tokenizer, texts)
-    merged = model.merge_and_unload()
-    merged_logits = text_logits(merged, tokenizer, texts)
-    parity = compare_logits(with_adapter, merged_logits)
-    effect = compare_logits(without_adapter, merged_logits)
     tolerance = MERGE_TOLERANCE[dtype]
+    source = resolve_model_path(info["base_model"])
+    prequantized = getattr(AutoConfig.from_pretrained(source), "quantization_config", None) is not None
+    tmp = fresh_tmp(out, MERGE_REPORT)
+    if dequantize or prequantized:  # 4-bit weights are dequantized by bitsandbytes, in memory
+        merged, parity, effect = _merge_in_memory(stage_dir, info, recipe, adapter, tokenizer, texts, dtype, dequantize)
+        merged.generation_config.eos_token_id = tokenizer.eos_token_id
+        merged.generation_config.pad_token_id = tokenizer.pad_token_id
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        mode, streamed = "logits, in memory", None
+    else:
+        chain = [*adapter_chain(info.get("parent")), adapter]
+        streamed = stream_merge(source, chain, tmp, dtype, _bytes(max_shard_size), recipe.model.revision)
+        _set_generation_tokens(tmp, tokenizer)
+        parity, effect, mode = _check_streamed(tmp, stage_dir, info, recipe, adapter, tokenizer, texts, dtype, streamed)
     report = {
         "stage": str(stage_dir),
         "adapter": str(adapter),
         "dtype": dtype,
         "dequantized_base": dequantize,
+        "merge": "in memory" if streamed is None else "streaming, tensor by tensor",
+        "parity_check": mode,
         "chat_template": recipe.data.template,
         "parity_texts": len(texts),
         "merged_vs_base_plus_adapter": parity,
@@ -132,6 +212,7 @@ def merge_stage(
         "lineage": [str(p) for p in stage_lineage(stage_dir)],
     }
     if parity["relative_diff"] > tolerance:
+        shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(
             f"merged model disagrees with base + adapter: max logit diff {parity['max_abs_diff']} "
             f"({parity['relative_diff']:.2%} of the largest logit, tolerance {tolerance:.2%}); "
@@ -140,10 +221,6 @@ def merge_stage(
     if effect["max_abs_diff"] == 0.0:
         log.warning("the adapter changes nothing (max logit diff 0 with and without it): was it trained?")
 
-    tmp = fresh_tmp(out, MERGE_REPORT)
-    merged.generation_config.eos_token_id = tokenizer.eos_token_id
-    merged.generation_config.pad_token_id = tokenizer.pad_token_id
-    merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
     tokenizer.save_pretrained(tmp)
     report["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name != TMP_MARKER}
     write_json(tmp / MERGE_REPORT, report)

@@ -8,7 +8,6 @@ loads that folder quantized again.
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 import json
 import os
@@ -179,24 +178,6 @@ def load_merged_16bit(base: str, adapters: list[Path], model_cfg: ModelConfig, a
 PARENT_CHAIN = "parent_chain.json"
 
 
-@contextlib.contextmanager
-def without_zero3():
-    """Load on this process alone, unpartitioned, while a ZeRO-3 config is live.
-
-    Under ZeRO-3, transformers' from_pretrained shards weights as they load (deepspeed.zero.Init), which
-    is a collective: one rank loading alone waits for ranks that never join (a hang), and merging an
-    adapter into sharded weights sees empty tensors. The parent chain is merged with the config set aside.
-    """
-    from transformers.integrations import deepspeed as hf_deepspeed
-
-    live = hf_deepspeed._hf_deepspeed_config_weak_ref  # no public getter; unset/set are public
-    hf_deepspeed.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_deepspeed._hf_deepspeed_config_weak_ref = live
-
-
 def chain_fingerprint(recipe: Recipe, adapters: list[Path]) -> str:
     """Changes when the base, its dtype or any ancestor's adapter changes (a parent trained again)."""
     import hashlib
@@ -219,6 +200,8 @@ def parent_merged_dir(recipe: Recipe, adapters: list[Path]) -> str:
     the chain it was merged from is unchanged (`parent_chain.json` holds its fingerprint)."""
     from accelerate import PartialState
 
+    from train.models.merging import stream_merge
+
     merged_dir = Path(recipe.output_dir) / "parent_merged"
     marker = merged_dir / PARENT_CHAIN
     fingerprint = chain_fingerprint(recipe, adapters)
@@ -228,12 +211,17 @@ def parent_merged_dir(recipe: Recipe, adapters: list[Path]) -> str:
         if state.is_main_process and current != fingerprint:
             if current is not None or merged_dir.exists():
                 log.info("parent_merged in %s is from another parent chain: merging again", merged_dir)
-            with without_zero3():
-                merged = load_merged_16bit(recipe.model.name_or_path, adapters, recipe.model)
             tmp = merged_dir.with_name("parent_merged.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            merged.save_pretrained(tmp, safe_serialization=True)
-            del merged
+            # Tensor by tensor from the base's shards: bounded memory, and no from_pretrained (which under
+            # ZeRO-3 is a collective that the other ranks, waiting here, would never join).
+            stream_merge(
+                resolve_model_path(recipe.model.name_or_path),
+                adapters,
+                tmp,
+                recipe.model.dtype,
+                revision=recipe.model.revision,
+            )
             (tmp / PARENT_CHAIN).write_text(
                 json.dumps({"fingerprint": fingerprint, "adapters": [str(a) for a in adapters]}, indent=2) + "\n"
             )
