@@ -26,12 +26,14 @@ import contextlib
 import json
 import math
 import struct
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
+from tqdm.auto import tqdm
 
 from train.core.errors import UserError
 from train.core.log import get_logger
@@ -120,18 +122,43 @@ def base_files(base: str | Path, revision: str | None = None) -> Path:
     return path
 
 
+class ShardReader:
+    """Tensors of one safetensors file read with plain reads into memory this process owns.
+
+    Not memory-mapped: pages of a mapped file count as this process's resident memory until it is
+    closed, so mapping a 60 GB base would look (and, under pressure, act) like holding all of it.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        with open(path, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            self.header = json.loads(f.read(length))
+        self.header.pop("__metadata__", None)
+        self.start = 8 + length
+
+    def meta(self, name: str) -> tuple[list, torch.dtype]:
+        entry = self.header[name]
+        return entry["shape"], FROM_SAFETENSORS[entry["dtype"]]
+
+    def get(self, name: str) -> torch.Tensor:
+        shape, dtype = self.meta(name)
+        begin, end = self.header[name]["data_offsets"]
+        buffer = bytearray(end - begin)
+        with open(self.path, "rb") as f:
+            f.seek(self.start + begin)
+            f.readinto(buffer)
+        if not buffer:
+            return torch.empty(shape, dtype=dtype)
+        return torch.frombuffer(buffer, dtype=dtype).reshape(shape)
+
+
 def _shards(base: Path) -> dict[str, Path]:
     """Tensor name -> the shard file holding it."""
     if (base / INDEX).is_file():
         weight_map = json.loads((base / INDEX).read_text(encoding="utf-8"))["weight_map"]
         return {name: base / file for name, file in weight_map.items()}
-    with safe_open(base / "model.safetensors", "pt") as f:
-        return {name: base / "model.safetensors" for name in f.keys()}
-
-
-def _open_all(stack: contextlib.ExitStack, files) -> dict[Path, object]:
-    """One memory-mapped handle per safetensors file, closed with `stack`."""
-    return {file: stack.enter_context(safe_open(file, "pt")) for file in sorted(set(files))}
+    return dict.fromkeys(ShardReader(base / "model.safetensors").header, base / "model.safetensors")
 
 
 def _plan(base: Path, names: list[str], dtype: torch.dtype, max_shard_bytes: int) -> list[list[tuple[str, str, list]]]:
@@ -139,10 +166,8 @@ def _plan(base: Path, names: list[str], dtype: torch.dtype, max_shard_bytes: int
     shards: list[list[tuple[str, str, list]]] = [[]]
     size = 0
     by_file = _shards(base)
-    with contextlib.ExitStack() as stack:
-        handles = _open_all(stack, by_file.values())
-        slices = {name: handles[by_file[name]].get_slice(name) for name in names}
-        meta = {name: (sl.get_shape(), FROM_SAFETENSORS[sl.get_dtype()]) for name, sl in slices.items()}
+    readers = {file: ShardReader(file) for file in set(by_file.values())}
+    meta = {name: readers[by_file[name]].meta(name) for name in names}
     for name in names:
         shape, stored = meta[name]
         out_dtype = dtype if stored.is_floating_point else stored
@@ -155,14 +180,16 @@ def _plan(base: Path, names: list[str], dtype: torch.dtype, max_shard_bytes: int
     return shards
 
 
-def _merged_tensors(base: Path, names: list[str], adapters: list[Adapter], dtype: torch.dtype) -> Iterator:
+def _merged_tensors(base: Path, names: list[str], adapters: list[Adapter], dtype: torch.dtype, bar=None) -> Iterator:
     """(name, tensor in its output dtype), one at a time."""
     by_file = _shards(base)
-    with contextlib.ExitStack() as stack:
-        handles = _open_all(stack, by_file.values())
+    readers = {file: ShardReader(file) for file in set(by_file.values())}
+    with contextlib.ExitStack() as stack:  # adapters are small: memory-mapped
         loras = [stack.enter_context(safe_open(a.path / "adapter_model.safetensors", "pt")) for a in adapters]
         for name in names:
-            yield name, _merged(handles[by_file[name]].get_tensor(name), name, adapters, loras, dtype)
+            yield name, _merged(readers[by_file[name]].get(name), name, adapters, loras, dtype)
+            if bar is not None:
+                bar.update()
 
 
 def _merged(tensor: torch.Tensor, name: str, adapters: list[Adapter], loras: list, dtype: torch.dtype) -> torch.Tensor:
@@ -197,7 +224,8 @@ def _write_shard(path: Path, entries: list[tuple[str, str, list]], tensors: Iter
         for name, _, _ in entries:
             got, tensor = next(tensors)
             assert got == name, (got, name)
-            f.write(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+            if tensor.numel():
+                f.write(tensor.contiguous().view(torch.uint8).numpy())  # the buffer itself, no copy
 
 
 def stream_merge(
@@ -225,7 +253,10 @@ def stream_merge(
             raise UserError(f"{adapter.path}: {len(missing)} LoRA target(s) not in the base, e.g. {missing[0]}")
     out.mkdir(parents=True, exist_ok=True)
     plan = _plan(folder, names, target, max_shard_bytes)
-    tensors = _merged_tensors(folder, [n for shard in plan for n, _, _ in shard], chain, target)
+    ordered = [n for shard in plan for n, _, _ in shard]
+    # A bar on a terminal; in logs (not a TTY) one line per shard below.
+    bar = tqdm(total=len(ordered), desc="merge", unit="tensor", disable=not sys.stderr.isatty())
+    tensors = _merged_tensors(folder, ordered, chain, target, bar)
     weight_map, total = {}, 0
     for i, entries in enumerate(plan, start=1):
         file = "model.safetensors" if len(plan) == 1 else f"model-{i:05d}-of-{len(plan):05d}.safetensors"
@@ -234,6 +265,7 @@ def stream_merge(
             weight_map[name] = file
             total += math.prod(shape) * torch.empty((), dtype=FROM_SAFETENSORS[dt]).element_size()
         log.info("merge: wrote %s (%d of %d shards, %d tensors)", file, i, len(plan), len(entries))
+    bar.close()
     if len(plan) > 1:
         index = {"metadata": {"total_size": total}, "weight_map": weight_map}
         (out / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n", encoding="utf-8")
@@ -260,17 +292,15 @@ def check_sample(base: str | Path, adapters: list[Path], merged: Path, dtype: st
     by_base, by_merged = _shards(folder), _shards(merged)
     worst = effect = scale = 0.0
     with contextlib.ExitStack() as stack:
-        base_files_open = _open_all(stack, by_base.values())
-        merged_open = _open_all(stack, by_merged.values())
         loras = [stack.enter_context(safe_open(a.path / "adapter_model.safetensors", "pt")) for a in chain]
         for name in sample:
-            start = base_files_open[by_base[name]].get_tensor(name).to(MERGE_DTYPES[dtype]).double()
+            start = ShardReader(by_base[name]).get(name).to(MERGE_DTYPES[dtype]).double()
             expected = start.clone()
             for adapter, lora in zip(chain, loras, strict=True):
                 if (pair := adapter.targets.get(name)) is not None:
                     delta = lora.get_tensor(pair.b).double() @ lora.get_tensor(pair.a).double()
                     expected += (delta.T if pair.fan_in_fan_out else delta) * pair.scaling
-            written = merged_open[by_merged[name]].get_tensor(name).double()
+            written = ShardReader(by_merged[name]).get(name).double()
             worst = max(worst, float((written - expected).abs().max()))
             effect = max(effect, float((written - start).abs().max()))
             scale = max(scale, float(expected.abs().max()))
