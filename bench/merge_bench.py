@@ -34,6 +34,13 @@ def peak_kib():
         if line.startswith("VmHWM:"):
             return int(line.split()[1])
 """
+SECTION = "merge: streaming vs in-memory (random Qwen2-1.5B-shaped bf16 base, LoRA on every projection)"
+NOTES = (
+    "Each merge in its own process (peak RSS: the process's VmHWM). in-memory: transformers + PEFT "
+    "merge_and_unload + save_pretrained (5 GB shards); streaming: train/models/merging.py (tensor by "
+    "tensor, 5 GB shards written as planned). identical: every output tensor bit-equal. The GGUF "
+    "converter (llama.cpp convert_hf_to_gguf.py, f16) ran on the streamed folder."
+)
 CHILD = {
     "in_memory": PEAK
     + """
@@ -201,14 +208,7 @@ def main() -> None:
         }
         if not args.skip_gguf:
             result |= converter_peak(root / "streaming", root / "model-f16.gguf")
-    write_results(
-        "merge: streaming vs in-memory (random Qwen2-1.5B-shaped bf16 base, LoRA on every projection)",
-        [result],
-        "Each merge in its own process (peak RSS from getrusage). in-memory: transformers + PEFT "
-        "merge_and_unload + save_pretrained (5 GB shards); streaming: train/models/merging.py (tensor by "
-        "tensor, 5 GB shards written as planned). identical: every output tensor bit-equal. The GGUF "
-        "converter (llama.cpp convert_hf_to_gguf.py, f16) ran on the streamed folder.",
-    )
+    write_results(SECTION, [result], NOTES)
     sys.stdout.write(json.dumps(result) + "\n")
 
 
