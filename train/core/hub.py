@@ -105,6 +105,7 @@ def offline_unless_hub_reachable() -> bool:
     proxy = proxy_for(endpoint)
     if proxy:
         log.info("probing the Hub (%s) through the proxy %s", redact_url(endpoint), redact_url(proxy))
+    reason: str | None
     try:
         host, port = _host_port(proxy or endpoint)
     except ValueError:  # a port that is not a number: the libraries could not connect either
