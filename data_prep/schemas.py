@@ -6,6 +6,9 @@
 | kocommercial      | MarkrAI/KoCommercial-Dataset              | instruction (+ input) | -            | output   |
 | aihub_translation | AI Hub Korean-English .xlsx               | 원문 or 번역문 + instruction | -      | the other |
 | columns           | anything, through `columns:` in the recipe | as mapped            | as mapped    | as mapped |
+
+An AI Hub pair's direction (Korean->English or English->Korean, `ko_to_en_ratio`) is drawn from a hash
+of the pair's normalized text; the build drops a pair seen before (in any file) before rendering it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, overload
 
+from data_prep.dedup import normalize
 from data_prep.sources import RawRow, Reject
 from train.core.config import SourceConfig
 from train.core.formats import THINK_CLOSE, THINK_OPEN
@@ -31,6 +35,7 @@ class Record:
     answer: str
     reasoning: str | None = None
     system: str | None = None
+    pair_key: bytes | None = None  # aihub_translation: digest of the normalized (Korean, English) pair
 
 
 class RowError(Exception):
@@ -76,9 +81,15 @@ def _check_think(text: str | None, column: str) -> str | None:
     return match.group(1).strip() if match and opened == 1 else text
 
 
-def _direction_is_ko_to_en(row_id: str, ratio: float, seed: int) -> bool:
-    # Stable per row, independent of row order: the same pair keeps its direction across rebuilds.
-    digest = hashlib.sha256(f"{seed}:{row_id}".encode()).digest()
+def pair_key(korean: str, english: str) -> bytes:
+    """The identity of a translation pair: the same sentences in any file, row, spacing or case."""
+    return hashlib.sha256(f"{normalize(korean)}\x00{normalize(english)}".encode()).digest()
+
+
+def _direction_is_ko_to_en(key: bytes, ratio: float, seed: int) -> bool:
+    # From the pair's content, not its row id or position: the same pair gets the same direction in every
+    # file and every rebuild, so its copies render alike and the pair dedup before rendering is the only one needed.
+    digest = hashlib.sha256(f"{seed}:".encode() + key).digest()
     return int.from_bytes(digest[:8], "big") / 2**64 < ratio
 
 
@@ -98,9 +109,10 @@ def to_record(row: RawRow, source: SourceConfig, seed: int) -> Record:
         return Record(source.name, row.row_id, question, answer)
     if schema == "aihub_translation":
         korean, english = _text(cells, "원문"), _text(cells, "번역문")
-        if _direction_is_ko_to_en(row.row_id, source.ko_to_en_ratio, seed):
-            return Record(source.name, row.row_id, KO_TO_EN.format(text=korean), english)
-        return Record(source.name, row.row_id, EN_TO_KO.format(text=english), korean)
+        key = pair_key(korean, english)
+        if _direction_is_ko_to_en(key, source.ko_to_en_ratio, seed):
+            return Record(source.name, row.row_id, KO_TO_EN.format(text=korean), english, pair_key=key)
+        return Record(source.name, row.row_id, EN_TO_KO.format(text=english), korean, pair_key=key)
     # schema == "columns"
     mapping = source.columns
     question = _text(cells, mapping["question"])

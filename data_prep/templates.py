@@ -63,8 +63,9 @@ def tokenize_pairs(prompts: list[str], completions: list[str], tokenizer, chunk_
     # Chunks bound memory: a batch call keeps every Encoding (offsets, masks) alive until it returns.
     for start in range(0, len(prompts), chunk_size):
         p_chunk, c_chunk = prompts[start : start + chunk_size], completions[start : start + chunk_size]
-        prompt_ids = tokenizer(p_chunk, add_special_tokens=False)["input_ids"]
-        completion_ids = tokenizer(c_chunk, add_special_tokens=False)["input_ids"]
+        # Only the ids: an attention mask would be one more Python int list per row, all ones.
+        prompt_ids = tokenizer(p_chunk, add_special_tokens=False, return_attention_mask=False)["input_ids"]
+        completion_ids = tokenizer(c_chunk, add_special_tokens=False, return_attention_mask=False)["input_ids"]
         out.extend(
             Rendered(p, c, pi, ci + [eos])
             for p, c, pi, ci in zip(p_chunk, c_chunk, prompt_ids, completion_ids, strict=True)

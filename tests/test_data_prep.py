@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pyarrow.parquet as pq
 import pytest
@@ -18,8 +19,8 @@ GOOD = {
 }
 
 
-def medical_recipe(tmp_path, source_path, **data_overrides):
-    data = {
+def medical_data(tmp_path, source_path, **data_overrides) -> dict:
+    return {
         "stage": "t",
         "output_dir": str(tmp_path / "out"),
         "data": {
@@ -32,7 +33,10 @@ def medical_recipe(tmp_path, source_path, **data_overrides):
             **data_overrides,
         },
     }
-    return make_recipe(data)
+
+
+def medical_recipe(tmp_path, source_path, **data_overrides):
+    return make_recipe(medical_data(tmp_path, source_path, **data_overrides))
 
 
 def defect_fixture(tmp_path):
@@ -84,7 +88,9 @@ def test_reject_threshold_fails_the_build_naming_the_reason(tmp_path, tokenizer)
     recipe = medical_recipe(tmp_path, defect_fixture(tmp_path), max_reject_fraction=0.2)
     with pytest.raises(UserError, match=r"50.0% of raw rows were rejected.*empty_field.*rejects.jsonl"):
         build(recipe, tokenizer)
-    assert (tmp_path / "processed" / "rejects.jsonl").is_file()  # written even when the build fails
+    # Written even when the build fails, beside the processed folder: a failed build never replaces a good one.
+    assert (tmp_path / "processed.tmp" / "rejects.jsonl").is_file()
+    assert not (tmp_path / "processed").exists()
 
 
 def test_missing_column_everywhere_names_the_column(tmp_path, tokenizer):
@@ -261,3 +267,160 @@ def test_a_json_scalar_is_one_clear_line(tmp_path, tokenizer):
     path.write_text('"just a string"', encoding="utf-8")
     with pytest.raises(UserError, match=r"rows.json: expected a JSON list of rows, got a str"):
         build(medical_recipe(tmp_path, path), tokenizer)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input hashing, decontamination paths, the atomic processed folder, memory
+
+
+def test_each_input_file_is_hashed_once_and_streamed(tmp_path, tokenizer, monkeypatch):
+    import os
+    import pathlib
+
+    from data_prep import build as build_module
+
+    path = write_jsonl(tmp_path / "m.jsonl", [GOOD, dict(GOOD, Question="Other?")])
+    old = path.stat().st_mtime - 60  # a file not written just now (a hash taken at once is retaken: racy mtime)
+    os.utime(path, (old, old))
+    hashed: list[str] = []
+    real = build_module.sha256_file
+
+    def counting(p):
+        hashed.append(pathlib.Path(p).name)
+        return real(p)
+
+    def no_whole_file(self):
+        raise AssertionError(f"{self} read whole")
+
+    monkeypatch.setattr(build_module, "sha256_file", counting)
+    monkeypatch.setattr(pathlib.Path, "read_bytes", no_whole_file)
+    monkeypatch.setattr(build_module.FileHashes, "_memo", {})
+    recipe = medical_recipe(tmp_path, path)
+    first = fingerprint(recipe, tokenizer)
+    assert fingerprint(recipe, tokenizer) == first and hashed == ["m.jsonl"]  # this process: once
+    monkeypatch.setattr(build_module.FileHashes, "_memo", {})  # another rank, or a later run
+    assert fingerprint(recipe, tokenizer) == first and hashed == ["m.jsonl"]
+    assert (tmp_path / build_module.HASH_CACHE).is_file()  # beside the processed folder
+    write_jsonl(path, [GOOD, dict(GOOD, Question="Again?")])  # same size, new mtime
+    assert fingerprint(recipe, tokenizer) != first and hashed == ["m.jsonl", "m.jsonl"]
+
+
+@pytest.mark.parametrize("missing", ["evals/nope.jsonl", "nope"])
+def test_missing_decontamination_set_is_one_line_before_any_work(tmp_path, tokenizer, monkeypatch, missing):
+    from data_prep import build as build_module
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("sources read before the decontamination path was checked")
+
+    monkeypatch.setattr(build_module, "iter_source", no_reading)
+    monkeypatch.setattr(build_module, "sha256_file", no_reading)
+    path = write_jsonl(tmp_path / "m.jsonl", [GOOD])
+    recipe = medical_recipe(tmp_path, path, decontaminate=[missing])
+    for call in (lambda: build(recipe, tokenizer), lambda: load_processed(recipe, tokenizer, allow_build=False)):
+        with pytest.raises(UserError, match=rf"test-recipe: data.decontaminate\[0\] '{missing}' not found") as err:
+            call()
+        assert "\n" not in str(err.value)
+    assert not (tmp_path / "processed.tmp").exists()
+
+
+def test_build_is_written_aside_and_swapped_in_manifest_last(tmp_path, tokenizer, monkeypatch):
+    from data_prep import build as build_module
+    from data_prep.build import processed_state
+
+    path = write_jsonl(tmp_path / "m.jsonl", [dict(GOOD, Question=f"Q{i}?") for i in range(5)])
+    recipe = medical_recipe(tmp_path, path)
+    manifest = build(recipe, tokenizer)
+    out = tmp_path / "processed"
+    assert not (tmp_path / "processed.tmp").exists()
+    assert set(manifest["files"]) == {
+        "train.parquet",
+        "eval.parquet",
+        "rejects.jsonl",
+        "length_histogram.png",
+        "report.txt",
+    }
+    assert all((out / name).stat().st_size == info["bytes"] for name, info in manifest["files"].items())
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt  # killed while writing: the parquet files are already there
+
+    monkeypatch.setattr(build_module, "_write_histogram", interrupted)
+    write_jsonl(path, [dict(GOOD, Question=f"R{i}?") for i in range(7)])
+    with pytest.raises(KeyboardInterrupt):
+        build(recipe, tokenizer)
+    assert (tmp_path / "processed.tmp" / "train.parquet").is_file()  # the half-written set stayed aside
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # the previous set is untouched
+    assert processed_state(recipe, tokenizer).startswith("stale")  # ... and known to be stale, not mixed
+    monkeypatch.undo()
+    assert build(recipe, tokenizer)["train_rows"] == 7 and not (tmp_path / "processed.tmp").exists()
+
+
+def test_half_written_set_is_refused_with_the_rebuild_command(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "m.jsonl", [GOOD, dict(GOOD, Question="Other?"), dict(GOOD, Question="Third?")])
+    recipe = make_recipe(medical_data(tmp_path, path, eval_fraction=0.4), overrides=["data.max_length=256"])
+    out = tmp_path / "processed"
+    command = re.escape("run `python -m data_prep test-recipe data.max_length=256` before launching")
+
+    def refused(reason: str):
+        with pytest.raises(UserError, match=rf"is incomplete \({reason}.*\); {command}") as err:
+            load_processed(recipe, tokenizer, allow_build=False)
+        assert "\n" not in str(err.value)
+
+    build(recipe, tokenizer)
+    load_processed(recipe, tokenizer, allow_build=False)  # complete: loads
+    train = (out / "train.parquet").read_bytes()
+    (out / "train.parquet").write_bytes(train[: len(train) // 2])  # a copy cut short
+    refused(r"train.parquet is \d+ bytes, manifest.json says \d+")
+    (out / "train.parquet").write_bytes(train[:-1] + bytes([train[-1] ^ 1]))  # same size, other bytes
+    refused("train.parquet does not match its sha256 in manifest.json")
+    (out / "train.parquet").write_bytes(train)
+    (out / "eval.parquet").unlink()
+    refused("eval.parquet is missing")
+    (out / "manifest.json").unlink()
+    refused("length_histogram.png, rejects.jsonl, report.txt, train.parquet without manifest.json")
+    train_rows, _, _ = load_processed(recipe, tokenizer, allow_build=True)  # one process: rebuilds it
+    assert len(train_rows) == 2
+
+
+def test_a_processed_dir_holding_other_files_is_refused(tmp_path, tokenizer):
+    path = write_jsonl(tmp_path / "m.jsonl", [GOOD])
+    (tmp_path / "processed").mkdir()
+    (tmp_path / "processed" / "notes.txt").write_text("mine", encoding="utf-8")
+    with pytest.raises(
+        UserError, match=r"data.processed_dir .*processed holds files data_prep did not write \(notes.txt\)"
+    ):
+        build(medical_recipe(tmp_path, path), tokenizer)
+    assert (tmp_path / "processed" / "notes.txt").read_text(encoding="utf-8") == "mine"
+
+
+def test_the_build_keeps_rows_on_disk_not_in_memory(tmp_path, tokenizer, monkeypatch):
+    """Python memory of a 3000-row build stays near one chunk's worth: the kept rows' text and token ids
+    are spilled; the whole-list build held every row's ids as Python ints (~36 bytes a token)."""
+    import tracemalloc
+
+    from data_prep import build as build_module
+
+    monkeypatch.setattr(build_module, "CHUNK_ROWS", 200)
+    monkeypatch.setattr(build_module, "SHUFFLE_BUCKET_BYTES", 2**20)
+    # matplotlib's own memory is not the build's
+    monkeypatch.setattr(build_module, "_write_histogram", lambda lengths, max_len, path, title: path.write_bytes(b""))
+    rows = [
+        dict(GOOD, Question=f"Case {i}: chest pain. Diagnosis?", Complex_CoT="Reasoning step. " * 20)
+        for i in range(3000)
+    ]
+    path = write_jsonl(tmp_path / "m.jsonl", rows[:20])
+    recipe = medical_recipe(tmp_path, path, eval_fraction=0.1)
+    build(recipe, tokenizer)  # warm-up: the modules a first build imports are not the build's memory
+    write_jsonl(path, rows)
+    tracemalloc.start()
+    try:
+        manifest = build(recipe, tokenizer)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    tokens = manifest["train_tokens"] / 0.9
+    assert manifest["train_rows"] == 2700 and manifest["eval_rows"] == 300
+    assert peak < tokens * 12, f"peak {peak / 2**20:.1f} MiB for {tokens:.0f} tokens"
+    rows_out = pq.read_table(tmp_path / "processed" / "train.parquet").to_pylist()
+    assert all(r["num_tokens"] == len(r["input_ids"]) == len(r["completion_mask"]) for r in rows_out)

@@ -127,3 +127,104 @@ def test_hub_loader_reads_a_dataset_repository_with_configs(tmp_path, tokenizer)
     [row] = pq.read_table(tmp_path / "p" / "train.parquet").to_pylist()
     assert "남성이 흉통을" in row["prompt"] and row["id"] == "med:train:0"
     assert (tmp_path / "p" / "report.txt").read_text(encoding="utf-8").startswith("data build: t")
+
+
+def aihub_workbook(path, pairs):
+    from openpyxl import Workbook
+
+    wb = Workbook()
+    ws = wb.active
+    ws.title = "Sheet1"
+    ws.append(["SID", "원문", "번역문"])
+    for i, (ko, en) in enumerate(pairs):
+        ws.append([str(i), ko, en])
+    wb.save(path)
+
+
+def test_aihub_pair_in_two_files_is_one_pair_whatever_its_direction(tmp_path, tokenizer):
+    """The same pair in two AI Hub files, at other rows and with other spacing and case: one copy is kept.
+    Its direction came from the row id, so the copies were often rendered in opposite directions and both
+    survived the text dedup."""
+    pairs = [
+        (f"문장 {i}번은 환자의 증상을 설명합니다.", f"Sentence {i} describes the patient's symptoms.")
+        for i in range(16)
+    ]
+    folder = tmp_path / "aihub"
+    folder.mkdir()
+    aihub_workbook(folder / "a.xlsx", pairs)
+    shifted = [("추가 문장입니다.", "An extra sentence.")] + [
+        (f"  {ko}", en.upper() + " ") for ko, en in reversed(pairs)
+    ]
+    aihub_workbook(folder / "b.xlsx", shifted)
+    recipe = make_recipe(
+        {
+            "stage": "t",
+            "output_dir": str(tmp_path / "o"),
+            "data": {
+                "sources": [{"name": "aihub", "path": str(folder), "schema": "aihub_translation"}],
+                "processed_dir": str(tmp_path / "p"),
+                "eval_fraction": 0.0,
+                "dedup": {"near": "none"},
+            },
+        }
+    )
+    manifest = build(recipe, tokenizer)
+    assert manifest["train_rows"] == 17 and manifest["duplicate_pairs_removed"] == 16
+    rejects = [json.loads(x) for x in (tmp_path / "p" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert {r["reason"] for r in rejects} == {"duplicate_pair"} and len(rejects) == 16
+    assert all(r["row_id"].startswith("b.xlsx:Sheet1:") and "as aihub:a.xlsx:Sheet1:" in r["detail"] for r in rejects)
+    rows = pq.read_table(tmp_path / "p" / "train.parquet").to_pylist()
+    assert 0 < sum("영어로 번역" in r["prompt"] for r in rows) < 17  # both directions still drawn (ratio 0.5)
+
+
+def test_aihub_direction_follows_the_pair_not_the_row():
+    from data_prep.schemas import to_record
+    from data_prep.sources import RawRow
+    from train.core.config import SourceConfig
+
+    source = SourceConfig(name="aihub", path="x", schema="aihub_translation")
+    directions = set()
+    for i in range(40):
+        ko, en = f"문장 {i}입니다.", f"This is sentence {i}."
+        first = to_record(RawRow(f"a.xlsx:S:{i}", {"원문": ko, "번역문": en}), source, seed=3407)
+        again = to_record(RawRow(f"b.xlsx:T:{1000 - i}", {"원문": f" {ko}", "번역문": en.lower()}), source, seed=3407)
+        assert first.question.split("\n")[0] == again.question.split("\n")[0]
+        assert first.pair_key == again.pair_key
+        directions.add(first.question.split("\n")[0])
+    assert len(directions) == 2
+
+
+def test_streaming_minhash_matches_datasketch_lsh():
+    """The lean banding index finds exactly what datasketch's MinHashLSH found (same bands, same confirmation),
+    fed a chunk at a time, on datasketch's signatures."""
+    import random
+
+    from datasketch import MinHash, MinHashLSH
+
+    from data_prep.dedup import char_shingles
+
+    rng = random.Random(1)
+    words = [f"단어{i}" for i in range(300)]
+    texts = [" ".join(rng.choice(words) for _ in range(25)) for _ in range(400)]
+    for _ in range(60):  # near duplicates: a few words changed
+        t = texts[rng.randrange(len(texts))].split()
+        for _ in range(rng.randint(1, 6)):
+            t[rng.randrange(len(t))] = rng.choice(words)
+        texts.append(" ".join(t))
+
+    def reference(threshold):  # the whole-list implementation with datasketch's index
+        lsh = MinHashLSH(threshold=max(0.3, threshold - 0.25), num_perm=64)
+        sigs = MinHash.bulk([char_shingles(t, 4) for t in texts], num_perm=64, seed=5)
+        dropped = {}
+        for index, sig in enumerate(sigs):
+            confirmed = [int(k) for k in lsh.query(sig) if sig.jaccard(sigs[int(k)]) >= threshold]
+            if confirmed:
+                dropped[index] = min(confirmed)
+                continue
+            lsh.insert(str(index), sig)
+        return dropped
+
+    for threshold in (0.5, 0.8):
+        expected = reference(threshold)
+        assert len(expected) > 20
+        assert minhash_duplicates(texts, threshold, 4, 64, seed=5, chunk=33, backend="datasketch") == expected
