@@ -22,6 +22,17 @@ def machine() -> str:
     return f"cpu{os.cpu_count()}-{platform.machine()}"
 
 
+def peak_rss_mb() -> float:
+    """This process's peak resident memory since its exec (VmHWM). getrusage's ru_maxrss also counts the
+    parent's size from before the fork, so a benchmark parent holding its input would inflate each child."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
 def write_results(section: str, rows: list[dict], notes: str, results_dir: Path | None = None) -> Path:
     """Merge one section into <results_dir>/<date>-<machine>.json (default bench/results/) and rewrite the
     markdown next to it."""

@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import json
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -57,6 +56,7 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
 def run_one(rows_path: str, near: str, out_dir: str) -> dict:
     import time
 
+    from bench.common import peak_rss_mb
     from data_prep.build import build
     from train.core.config import recipe_from_dict
     from train.models.loading import load_tokenizer
@@ -70,7 +70,7 @@ def run_one(rows_path: str, near: str, out_dir: str) -> dict:
                 "template": "reasoning",
                 "max_length": 4096,
                 "eval_fraction": 0.01,
-                "dedup": {"near": near},
+                "dedup": {"near": near.split(":")[0], "minhash_backend": (near.split(":") + ["rensa"])[1]},
                 "processed_dir": out_dir,
             },
         }
@@ -90,13 +90,19 @@ def run_one(rows_path: str, near: str, out_dir: str) -> dict:
         "dedup_seconds": manifest["dedup_seconds"],
         "exact_dups": manifest["duplicates_removed"],
         "near_dups": manifest["near_duplicates_removed"],
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024),
+        "peak_rss_mb": round(peak_rss_mb()),
     }
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--rows", type=int, default=100_000)
+    parser.add_argument(
+        "--near",
+        default="none,minhash",
+        help="comma list of near-dedup settings: none, minhash (rensa), minhash:datasketch, semantic",
+    )
+    parser.add_argument("--section", default="data_prep", help="results section name")
     parser.add_argument("--one", nargs=3, metavar=("ROWS_PATH", "NEAR", "OUT"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one:
@@ -110,7 +116,7 @@ def main() -> None:
             for row in synthetic_rows(args.rows):
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
         results = []
-        for near in ("none", "minhash"):
+        for near in args.near.split(","):
             proc = subprocess.run(
                 [
                     sys.executable,
@@ -128,7 +134,7 @@ def main() -> None:
             )
             results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     path = write_results(
-        "data_prep",
+        args.section,
         results,
         (
             f"Whole `data_prep` build (read, validate, template, tokenize, length policy, dedup, split, write) of "

@@ -26,14 +26,6 @@ from pathlib import Path
 from bench.common import write_results
 from train.core.paths import REPO_ROOT
 
-# Peak resident memory of this process image: VmHWM starts again at exec, while getrusage's ru_maxrss
-# keeps the parent's size from before the fork (a parent holding a 3 GB base would mask every child).
-PEAK = """
-def peak_kib():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1])
-"""
 SECTION = "merge: streaming vs in-memory (random Qwen2-1.5B-shaped bf16 base, LoRA on every projection)"
 NOTES = (
     "Each merge in its own process (peak RSS: the process's VmHWM). in-memory: transformers + PEFT "
@@ -42,24 +34,24 @@ NOTES = (
     "converter (llama.cpp convert_hf_to_gguf.py, f16) ran on the streamed folder."
 )
 CHILD = {
-    "in_memory": PEAK
-    + """
+    "in_memory": """
 import sys, time
+from bench.common import peak_rss_mb
 from train.core.config import ModelConfig
 from train.models.loading import load_merged_16bit
 t = time.perf_counter()
 model = load_merged_16bit(sys.argv[1], [sys.argv[2]], ModelConfig(name_or_path=sys.argv[1], dtype="bfloat16"))
 model.save_pretrained(sys.argv[3], safe_serialization=True, max_shard_size="5GB")
-print(time.perf_counter() - t, peak_kib())
+print(time.perf_counter() - t, peak_rss_mb())
 """,
-    "streaming": PEAK
-    + """
+    "streaming": """
 import sys, time
+from bench.common import peak_rss_mb
 from pathlib import Path
 from train.models.merging import stream_merge
 t = time.perf_counter()
 stream_merge(sys.argv[1], [Path(sys.argv[2])], Path(sys.argv[3]), "bfloat16")
-print(time.perf_counter() - t, peak_kib())
+print(time.perf_counter() - t, peak_rss_mb())
 """,
 }
 
@@ -121,8 +113,8 @@ def run_child(kind: str, base: Path, adapter: Path, out: Path) -> tuple[float, f
         [sys.executable, "-c", CHILD[kind], str(base), str(adapter), str(out)],
         cwd=REPO_ROOT, env=env, capture_output=True, text=True, check=True,
     )  # fmt: skip
-    seconds, kib = proc.stdout.strip().splitlines()[-1].split()
-    return float(seconds), int(kib) / 1024
+    seconds, mb = proc.stdout.strip().splitlines()[-1].split()
+    return float(seconds), float(mb)
 
 
 def identical(a: Path, b: Path) -> bool:
