@@ -47,7 +47,6 @@ from train.core.io import (
     REJECTS_FILE,
     TMP_MARKER,
     atomic_write_text,
-    count_reasons,
     fresh_tmp,
     replace_output,
     write_json,
@@ -210,7 +209,6 @@ class _Rejects:
     def __init__(self, folder: Path, buffer_rows: int = 1000):
         self.folder, self.buffer_rows = folder, buffer_rows
         self._buffer: list[Reject] = []
-        self.reasons: Counter = Counter()
         self.validation: Counter = Counter()
         self.first: dict[str, Reject] = {}  # first invalid row of each reason, for the error message
         self.unread: Counter = Counter()  # rows a reader could not read, per source: raw rows never yielded
@@ -230,7 +228,6 @@ class _Rejects:
 
     def flush(self) -> None:
         if self._buffer:
-            self.reasons.update(count_reasons(self._buffer))
             write_rejects(self.folder, self._buffer, append=True)
             self._buffer = []
 

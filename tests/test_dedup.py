@@ -33,13 +33,13 @@ def ko_rows(*triples):
     return [{"instruction": i, "input": x, "output": o} for i, x, o in triples]
 
 
-def ko_recipe(tmp_path, path, **data):
+def ko_recipe(tmp_path, path, schema="kocommercial", name="ko", **data):
     return make_recipe(
         {
             "stage": "t",
             "output_dir": str(tmp_path / "o"),
             "data": {
-                "sources": [{"name": "ko", "path": str(path), "schema": "kocommercial"}],
+                "sources": [{"name": name, "path": str(path), "schema": schema}],
                 "processed_dir": str(tmp_path / "p"),
                 "eval_fraction": 0.0,
                 **data,
@@ -156,18 +156,7 @@ def test_aihub_pair_in_two_files_is_one_pair_whatever_its_direction(tmp_path, to
         (f"  {ko}", en.upper() + " ") for ko, en in reversed(pairs)
     ]
     aihub_workbook(folder / "b.xlsx", shifted)
-    recipe = make_recipe(
-        {
-            "stage": "t",
-            "output_dir": str(tmp_path / "o"),
-            "data": {
-                "sources": [{"name": "aihub", "path": str(folder), "schema": "aihub_translation"}],
-                "processed_dir": str(tmp_path / "p"),
-                "eval_fraction": 0.0,
-                "dedup": {"near": "none"},
-            },
-        }
-    )
+    recipe = ko_recipe(tmp_path, folder, schema="aihub_translation", name="aihub", dedup={"near": "none"})
     manifest = build(recipe, tokenizer)
     assert manifest["train_rows"] == 17 and manifest["duplicate_pairs_removed"] == 16
     rejects = [json.loads(x) for x in (tmp_path / "p" / "rejects.jsonl").read_text(encoding="utf-8").splitlines()]

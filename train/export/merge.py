@@ -49,18 +49,15 @@ def held_out_texts(stage_dir: Path, limit: int = 3) -> list[str]:
     return texts + PARITY_TEXTS
 
 
-def _base_model(stage_dir: Path, info: dict, recipe, dtype: str, dequantize: bool):
-    """Base (+ merged ancestors) in `dtype`; with `dequantize`, the 4-bit weights training really saw."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+def _dequantized_base(stage_dir: Path, info: dict, recipe, dtype: str, source: str, prequantized: bool):
+    """Base (+ merged ancestors) dequantized to `dtype`: the 4-bit weights training really saw (`--dequantize`,
+    or a base that is itself a pre-quantized checkpoint)."""
+    from transformers import AutoModelForCausalLM
 
     from train.models.loading import quantization_config
 
     parents = adapter_chain(info.get("parent"))
-    source = resolve_model_path(info["base_model"])
-    prequantized = getattr(AutoConfig.from_pretrained(source), "quantization_config", None) is not None
     model_cfg = replace(recipe.model, dtype=dtype)
-    if not (dequantize or prequantized):
-        return load_merged_16bit(info["base_model"], parents, model_cfg)
     if parents:  # a quantized child trained on its parents merged in 16-bit, then quantized at load
         source = str(stage_dir / "parent_merged")
         if not (Path(source) / "config.json").is_file():
@@ -75,15 +72,21 @@ def _base_model(stage_dir: Path, info: dict, recipe, dtype: str, dequantize: boo
     return model.dequantize()
 
 
-def _merge_in_memory(stage_dir, info, recipe, adapter, tokenizer, texts, dtype, dequantize):
+def _adapter_logits(model, tokenizer, texts) -> tuple:
+    """(logits with the adapter, logits with it disabled) of a PeftModel."""
+    with_adapter = text_logits(model, tokenizer, texts)
+    with model.disable_adapter():
+        return with_adapter, text_logits(model, tokenizer, texts)
+
+
+def _merge_in_memory(stage_dir, info, recipe, adapter, tokenizer, texts, dtype, source, prequantized):
     """(merged model, parity, effect): one copy of the model; the parity logits come from that same copy,
     first with the adapter unmerged, then merged in place."""
     from peft import PeftModel
 
-    model = PeftModel.from_pretrained(_base_model(stage_dir, info, recipe, dtype, dequantize), str(adapter)).eval()
-    with_adapter = text_logits(model, tokenizer, texts)
-    with model.disable_adapter():
-        without_adapter = text_logits(model, tokenizer, texts)
+    base = _dequantized_base(stage_dir, info, recipe, dtype, source, prequantized)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    with_adapter, without_adapter = _adapter_logits(model, tokenizer, texts)
     merged = model.merge_and_unload()
     merged_logits = text_logits(merged, tokenizer, texts)
     return merged, compare_logits(with_adapter, merged_logits), compare_logits(without_adapter, merged_logits)
@@ -102,9 +105,7 @@ def _check_streamed(tmp: Path, stage_dir, info, recipe, adapter, tokenizer, text
         parents = adapter_chain(info.get("parent"))
         base = load_merged_16bit(info["base_model"], parents, replace(recipe.model, dtype=dtype))
         model = PeftModel.from_pretrained(base, str(adapter)).eval()
-        with_adapter = text_logits(model, tokenizer, texts)
-        with model.disable_adapter():
-            without_adapter = text_logits(model, tokenizer, texts)
+        with_adapter, without_adapter = _adapter_logits(model, tokenizer, texts)
         del model, base
         merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype(dtype), low_cpu_mem_usage=True).eval()
         merged_logits = text_logits(merged, tokenizer, texts)
@@ -187,7 +188,9 @@ def merge_stage(
     prequantized = getattr(AutoConfig.from_pretrained(source), "quantization_config", None) is not None
     tmp = fresh_tmp(out, MERGE_REPORT)
     if dequantize or prequantized:  # 4-bit weights are dequantized by bitsandbytes, in memory
-        merged, parity, effect = _merge_in_memory(stage_dir, info, recipe, adapter, tokenizer, texts, dtype, dequantize)
+        merged, parity, effect = _merge_in_memory(
+            stage_dir, info, recipe, adapter, tokenizer, texts, dtype, source, prequantized
+        )
         merged.generation_config.eos_token_id = tokenizer.eos_token_id
         merged.generation_config.pad_token_id = tokenizer.pad_token_id
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)

@@ -24,6 +24,7 @@ from transformers import TrainerCallback
 
 from train.core.config import Recipe
 from train.core.errors import UserError
+from train.core.io import replace_output
 from train.core.log import get_logger, is_main_process
 from train.methods import outdir
 from train.methods.launch import (
@@ -98,8 +99,8 @@ class StopAtStep(TrainerCallback):
 
 def save_adapter(trainer, out: Path, tokenizer) -> Path:
     """adapter/ from this run only, checked to exist. Written into adapter.tmp/ first and swapped in only
-    when complete: a full disk mid-save leaves the earlier adapter/ in place, never no adapter at all."""
-    adapter_dir, staging, old = out / ADAPTER_DIR, out / f"{ADAPTER_DIR}.tmp", out / f"{ADAPTER_DIR}.old"
+    when complete (core/io.replace_output): a full disk mid-save leaves the earlier adapter/ in place."""
+    adapter_dir, staging = out / ADAPTER_DIR, out / f"{ADAPTER_DIR}.tmp"
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)  # ours: a save of this folder that did not finish
     trainer.accelerator.wait_for_everyone()
@@ -108,11 +109,7 @@ def save_adapter(trainer, out: Path, tokenizer) -> Path:
         if not (staging / "adapter_model.safetensors").is_file():
             raise RuntimeError(f"training finished but no adapter was written to {staging}")
         tokenizer.save_pretrained(str(staging))
-        shutil.rmtree(old, ignore_errors=True)
-        if adapter_dir.exists():
-            adapter_dir.rename(old)
-        staging.rename(adapter_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_output(staging, adapter_dir)
     trainer.accelerator.wait_for_everyone()
     return adapter_dir
 

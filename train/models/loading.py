@@ -17,6 +17,7 @@ from pathlib import Path
 import train.models.attention  # noqa: F401  (registers the sdpa_packed attention)
 from train.core.config import TINY_MODEL, LoraConfig, ModelConfig, Recipe
 from train.core.errors import UserError
+from train.core.io import replace_output
 from train.core.log import get_logger
 from train.models.lineage import adapter_chain, check_parent_base
 
@@ -73,9 +74,9 @@ def load_tokenizer(model_cfg: ModelConfig):
 
 
 def torch_dtype(name: str):
-    import torch
+    from train.models.merging import MERGE_DTYPES
 
-    return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
+    return MERGE_DTYPES[name]
 
 
 def check_kernels(model_cfg: ModelConfig) -> None:
@@ -225,8 +226,7 @@ def parent_merged_dir(recipe: Recipe, adapters: list[Path]) -> str:
             (tmp / PARENT_CHAIN).write_text(
                 json.dumps({"fingerprint": fingerprint, "adapters": [str(a) for a in adapters]}, indent=2) + "\n"
             )
-            shutil.rmtree(merged_dir, ignore_errors=True)
-            tmp.rename(merged_dir)
+            replace_output(tmp, merged_dir)
     return str(merged_dir)
 
 
