@@ -54,6 +54,7 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
 
 
 def run_one(rows_path: str, near: str, out_dir: str) -> dict:
+    import resource
     import time
 
     from bench.common import peak_rss_mb
@@ -79,6 +80,7 @@ def run_one(rows_path: str, near: str, out_dir: str) -> dict:
     started = time.perf_counter()
     manifest = build(recipe, tokenizer)
     seconds = time.perf_counter() - started
+    usage = resource.getrusage(resource.RUSAGE_SELF)  # CPU time of every thread: robust to a busy machine
     rows = sum(manifest["raw_rows"].values())
     tokens = manifest["train_tokens"]
     return {
@@ -88,6 +90,7 @@ def run_one(rows_path: str, near: str, out_dir: str) -> dict:
         "rows_per_s": round(rows / seconds),
         "tokens_per_s": round(tokens / seconds),
         "dedup_seconds": manifest["dedup_seconds"],
+        "cpu_seconds": round(usage.ru_utime + usage.ru_stime, 1),
         "exact_dups": manifest["duplicates_removed"],
         "near_dups": manifest["near_duplicates_removed"],
         "peak_rss_mb": round(peak_rss_mb()),
