@@ -1,4 +1,4 @@
-"""Training commands: sft, reward, dpo, grpo (all through the stage runner) and classify."""
+"""Training commands: sft, reward, dpo, grpo, distill (all through the stage runner) and classify."""
 
 from __future__ import annotations
 
@@ -49,6 +49,48 @@ def _preference(method: str):
     return run
 
 
+def _distill_arguments(parser) -> None:
+    _stage_arguments(parser)
+    parser.add_argument(
+        "--prepare-only",
+        action="store_true",
+        help="build the data and the teacher's answers or log-prob cache on one process, then stop "
+        "(before a distributed launch)",
+    )
+
+
+def _distill(args) -> None:
+    from train.core.config import load_recipe
+    from train.methods.distill import prepare_distill, run_distill
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    if args.prepare_only:
+        data = prepare_distill(recipe)
+        sys.stdout.write(f"prepared: {len(data.train)} train rows; launch the stage now: {recipe.output_dir}\n")
+        return
+    record = run_distill(recipe, overwrite=args.overwrite)
+    if record.get("status") == "interrupted":
+        return
+    m = record["metrics"]
+    shown = {k: m.get(k) for k in ("train_loss_first", "train_loss_last", "teacher_divergence_last", "eval_loss")}
+    shown["teacher_agreement"] = m.get("teacher_agreement")
+    sys.stdout.write(json.dumps(shown, indent=2) + f"\nstage: {recipe.output_dir}\n")
+
+
+def _report_arguments(parser) -> None:
+    parser.add_argument("stage", help="output_dir of a finished distill stage")
+    parser.add_argument(
+        "--baseline", action="append", default=[], help="another stage to compare, e.g. the student SFT'd on raw data"
+    )
+    parser.add_argument("--prompts", type=int, help="held-out prompts to compare on (default distill.report_prompts)")
+
+
+def _distill_report(args) -> None:
+    from train.methods.distill_report import format_report, run_report
+
+    sys.stdout.write(format_report(run_report(args.stage, args.baseline, args.prompts)))
+
+
 def _classify(args) -> None:
     from train.methods.classification import load_classification_recipe, run_classification
 
@@ -68,5 +110,14 @@ COMMANDS = [
     ),
     Command("dpo", "DPO and its variants (TRL DPOTrainer) after an SFT stage", _stage_arguments, _preference("dpo")),
     Command("grpo", "GRPO (TRL GRPOTrainer) after an SFT stage", _stage_arguments, _preference("grpo")),
+    Command(
+        "distill", "a student learns from a trained teacher stage (logit or sequence)", _distill_arguments, _distill
+    ),
+    Command(
+        "distill-report",
+        "a distilled student beside its teacher and baselines: KL, answer agreement, task metric",
+        _report_arguments,
+        _distill_report,
+    ),
     Command("classify", "fine-tune an encoder for single- or multi-label classification", _recipe_arguments, _classify),
 ]

@@ -17,8 +17,17 @@ from typing import Any, Literal
 from train.core.errors import UserError
 from train.core.typed_config import build_config, read_yaml
 
-# The embedded default: a tiny Qwen2 model built locally (train/models/tiny.py).
+# The embedded default: a tiny Qwen2 model built locally (train/models/tiny.py), and its smaller
+# sibling with the same tokenizer (a distillation student).
 TINY_MODEL = "tiny"
+TINY_STUDENT = "tiny-student"
+TINY_MODELS = (TINY_MODEL, TINY_STUDENT)
+
+
+def is_tiny(name: str | None) -> bool:
+    """An embedded model (built locally, no download), not a folder or Hub id."""
+    return name in TINY_MODELS
+
 
 SCHEMAS = ("medical_o1", "kocommercial", "aihub_translation", "columns")
 PREFERENCE_SCHEMAS = ("preference", "ratings")  # reward and dpo
@@ -30,7 +39,10 @@ TEMPLATES = ("reasoning", "chat")
 class ModelConfig:
     name_or_path: str = field(
         default=TINY_MODEL,
-        metadata={"help": "Hub id or local folder of the base model; 'tiny' selects the embedded Qwen2 default."},
+        metadata={
+            "help": "Hub id or local folder of the base model; 'tiny' selects the embedded Qwen2 default, "
+            "'tiny-student' its smaller sibling (same tokenizer)."
+        },
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
     unsloth_name_or_path: str | None = field(
@@ -77,7 +89,7 @@ class ModelConfig:
     )
 
     def validate(self, origin: str) -> None:
-        if self.quantization != "none" and self.dtype == "float32" and self.name_or_path != TINY_MODEL:
+        if self.quantization != "none" and self.dtype == "float32" and not is_tiny(self.name_or_path):
             raise UserError(f"{origin}: 4/8-bit base with model.dtype=float32 wastes memory; set model.dtype: bfloat16")
         if self.quant_storage != "uint8" and self.quantization != "nf4":
             raise UserError(f"{origin}: model.quant_storage only applies to quantization: nf4")
@@ -453,6 +465,103 @@ class PreferenceConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Settings of the distill method: a student (this recipe's model) learns from a trained teacher."""
+
+    teacher: str | None = field(
+        default=None,
+        metadata={
+            "help": "The teacher: output_dir of a trained stage (its adapter chain merged into its base, in memory), "
+            "a merged model folder, or a Hub id. It must share the student's tokenizer."
+        },
+    )
+    mode: Literal["logit", "sequence"] = field(
+        default="logit",
+        metadata={
+            "help": "logit = match the teacher's next-token distribution on every completion token (KL / JSD); "
+            "sequence = the teacher writes the answers (as R1-Distill was made) and the student is SFT'd on them."
+        },
+    )
+    teacher_quantization: Literal["none", "nf4"] = field(
+        default="none", metadata={"help": "Load the teacher in 4-bit (nf4, bitsandbytes) to save memory."}
+    )
+    teacher_logits: Literal["live", "cached"] = field(
+        default="live",
+        metadata={
+            "help": "logit mode. live = the teacher runs beside the student on every batch; cached = the teacher's "
+            "top-k log-probs are computed once before training into <output_dir>/teacher_cache/ (shards), and the "
+            "teacher is not in memory while the student trains."
+        },
+    )
+    top_k: int = field(
+        default=32,
+        metadata={
+            "help": "logit mode: teacher log-probs kept per token; the rest of the vocabulary is one tail bucket "
+            "(live and cached use the same support, so they give the same loss)."
+        },
+    )
+    beta: float = field(
+        default=0.0,
+        metadata={
+            "help": "Generalized JSD interpolation (TRL's convention): 0 = forward KL(teacher || student), "
+            "1 = reverse KL, 0.5 = JSD."
+        },
+    )
+    temperature: float = field(default=1.0, metadata={"help": "logit mode: softmax temperature of both models."})
+    on_policy: float = field(
+        default=0.0,
+        metadata={
+            "help": "logit mode: share of micro-batches whose completions the student generates itself and the "
+            "teacher scores (GKD's lambda). Needs teacher_logits: live and training.packing: false."
+        },
+    )
+    max_new_tokens: int = field(
+        default=256, metadata={"help": "Tokens generated per answer (sequence mode, on-policy batches)."}
+    )
+    generation_temperature: float = field(
+        default=0.0, metadata={"help": "sequence mode: 0 = greedy answers, > 0 = sampled at this temperature."}
+    )
+    generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call of the teacher."})
+    verify: Literal["none", "exact_answer"] = field(
+        default="none",
+        metadata={
+            "help": "sequence mode: exact_answer keeps a teacher answer only when it contains the row's reference "
+            "answer (rejects are written aside by reason); none keeps every well-formed answer."
+        },
+    )
+    report_prompts: int = field(
+        default=16,
+        metadata={"help": "Held-out prompts the finished stage is compared on with its teacher (KL, agreement)."},
+    )
+
+    def validate(self, origin: str, method: str, packing: bool) -> None:
+        if method != "distill":
+            return
+        if not self.teacher:
+            raise UserError(
+                f"{origin}: method distill needs distill.teacher (a trained stage's output_dir or a model folder)"
+            )
+        if self.top_k < 1:
+            raise UserError(f"{origin}: distill.top_k must be >= 1 (e.g. 32)")
+        if not 0.0 <= self.beta <= 1.0:
+            raise UserError(f"{origin}: distill.beta must lie in [0, 1] (0 = forward KL)")
+        if self.temperature <= 0:
+            raise UserError(f"{origin}: distill.temperature must be > 0 (1.0 = the models' own distributions)")
+        if not 0.0 <= self.on_policy <= 1.0:
+            raise UserError(f"{origin}: distill.on_policy is a share of batches in [0, 1]")
+        if self.on_policy > 0 and self.teacher_logits == "cached":
+            raise UserError(
+                f"{origin}: distill.on_policy > 0 scores the student's own answers, which no cache holds; "
+                "set distill.teacher_logits: live (or on_policy: 0)"
+            )
+        if self.on_policy > 0 and packing:
+            raise UserError(
+                f"{origin}: distill.on_policy > 0 generates from each row's prompt, which packed batches do not keep "
+                "apart; set training.packing: false"
+            )
+
+
+@dataclass
 class Recipe:
     stage: str = field(metadata={"help": "Name of the stage (stage1_medical, stage2_korean, ...)."})
     output_dir: str = field(metadata={"help": "Where adapters, checkpoints, stage.json and logs go."})
@@ -461,11 +570,11 @@ class Recipe:
         default=None,
         metadata={"help": "Output folder of the stage this one continues from; its adapter is merged into the base."},
     )
-    method: Literal["sft", "reward", "dpo", "grpo"] = field(
+    method: Literal["sft", "reward", "dpo", "grpo", "distill"] = field(
         default="sft",
         metadata={
             "help": "What this stage trains: sft (python -m train sft), a reward model, DPO or "
-            "GRPO (python -m train reward|dpo|grpo)."
+            "GRPO (python -m train reward|dpo|grpo), or a student of a teacher (python -m train distill)."
         },
     )
     backend: Literal["transformers", "unsloth"] = field(
@@ -479,6 +588,7 @@ class Recipe:
     preference: PreferenceConfig = field(
         default_factory=PreferenceConfig, metadata={"help": "reward / dpo / grpo settings."}
     )
+    distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "distill settings."})
 
     # Filled by load_recipe: where the recipe came from (not a YAML key).
     source_path: str | None = field(default=None, repr=False, metadata={"internal": True})
@@ -534,6 +644,7 @@ def validate_recipe(recipe: Recipe) -> None:
         "reward": set(PREFERENCE_SCHEMAS),
         "dpo": set(PREFERENCE_SCHEMAS),
         "grpo": {VERIFIABLE_SCHEMA},
+        "distill": set(SCHEMAS),
     }[recipe.method]
     for i, source in enumerate(recipe.data.sources):
         if source.schema not in wanted:
@@ -541,6 +652,7 @@ def validate_recipe(recipe: Recipe) -> None:
                 f"{origin}: data.sources[{i}] ('{source.name}') has schema '{source.schema}', which "
                 f"method '{recipe.method}' cannot use; use one of {sorted(wanted)}"
             )
+    recipe.distill.validate(origin, recipe.method, recipe.training.packing)
     pref = recipe.preference
     if recipe.method == "grpo" and "reward_model" in pref.rewards and not pref.reward_model:
         raise UserError(

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from transformers import TrainerCallback
 
-from train.core.config import TINY_MODEL, Recipe, recipe_to_dict
+from train.core.config import Recipe, is_tiny, recipe_to_dict
 from train.core.io import write_json, write_jsonl
 from train.core.log import get_logger, is_main_process
 from train.core.paths import REPO_ROOT
@@ -22,10 +22,10 @@ from train.core.paths import REPO_ROOT
 log = get_logger("record")
 
 
-def _tiny_build() -> str:
+def _tiny_build(name: str) -> str:
     from train.models.tiny import tiny_build_name
 
-    return tiny_build_name()
+    return tiny_build_name(name)
 
 
 def git_commit() -> str:
@@ -92,7 +92,7 @@ def write_stage_outputs(recipe: Recipe, out: Path, manifest: dict, metrics: dict
         "method": recipe.method,
         "backend": recipe.backend,
         "base_model": recipe.model.name_or_path,
-        "base_model_build": _tiny_build() if recipe.model.name_or_path == TINY_MODEL else None,
+        "base_model_build": _tiny_build(recipe.model.name_or_path) if is_tiny(recipe.model.name_or_path) else None,
         "quantization": recipe.model.quantization,
         "parent": str(Path(recipe.parent).resolve()) if recipe.parent else None,
         "adapter": "adapter",

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from train.core.config import TINY_MODEL, Recipe
+from train.core.config import Recipe, is_tiny
 from train.core.errors import UserError
 from train.models.tiny import tiny_build_name
 
@@ -21,11 +21,11 @@ def read_stage(stage_dir: str | Path) -> dict:
     if not path.is_file():
         raise UserError(f"parent stage '{stage_dir}' has no stage.json; train that stage first")
     info = json.loads(path.read_text(encoding="utf-8"))
-    if info.get("base_model") == TINY_MODEL and info.get("base_model_build"):
-        if info["base_model_build"] != tiny_build_name():
+    if is_tiny(info.get("base_model")) and info.get("base_model_build"):
+        if info["base_model_build"] != tiny_build_name(info["base_model"]):
             raise UserError(
                 f"stage '{stage_dir}' was trained on the embedded model {info['base_model_build']}, but this checkout "
-                f"builds {tiny_build_name()} (the bundled samples, its tokenizer corpus, changed); its adapter does "
+                f"builds {tiny_build_name(info['base_model'])} (the bundled samples, its tokenizer corpus, changed); its adapter does "
                 "not fit the new base: train that stage again (make demo)"
             )
     return info

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import train.models.attention  # noqa: F401  (registers the sdpa_packed attention)
-from train.core.config import TINY_MODEL, LoraConfig, ModelConfig, Recipe
+from train.core.config import LoraConfig, ModelConfig, Recipe, is_tiny
 from train.core.errors import UserError
 from train.core.io import replace_output
 from train.core.log import get_logger
@@ -25,10 +25,10 @@ log = get_logger("model")
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    if name_or_path == TINY_MODEL:
+    if is_tiny(name_or_path):
         from train.models.tiny import ensure_tiny_model
 
-        return str(ensure_tiny_model())
+        return str(ensure_tiny_model(name_or_path))
     if not Path(name_or_path).exists():  # a Hub id: fail fast (cache only) when the Hub is unreachable
         from train.core.hub import offline_unless_hub_reachable
 
@@ -184,10 +184,10 @@ def chain_fingerprint(recipe: Recipe, adapters: list[Path]) -> str:
     import hashlib
 
     h = hashlib.sha256(json.dumps([recipe.model.name_or_path, recipe.model.revision, recipe.model.dtype]).encode())
-    if recipe.model.name_or_path == TINY_MODEL:
+    if is_tiny(recipe.model.name_or_path):
         from train.models.tiny import tiny_build_name
 
-        h.update(tiny_build_name().encode())
+        h.update(tiny_build_name(recipe.model.name_or_path).encode())
     for adapter in adapters:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             with open(adapter / name, "rb") as f:

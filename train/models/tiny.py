@@ -22,6 +22,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+from train.core.config import TINY_MODEL, TINY_MODELS, TINY_STUDENT
 from train.core.formats import THINK_CLOSE, THINK_OPEN
 from train.core.log import get_logger
 from train.core.paths import REPO_ROOT
@@ -75,6 +76,18 @@ SPEC = {
     # RMSNorm), so no LoRA update can make the model confident. 0.1 gives real pretrained heads' range.
     "lm_head_std": 0.1,
 }
+# Other embedded models with the same tokenizer, selected by name (model.name_or_path: tiny-student):
+# each changes only the listed fields of SPEC. tiny-student is the smaller model a distillation test
+# trains from a tiny teacher (half the layers, a narrower MLP; hidden size kept for GGUF k-quants).
+VARIANTS = {
+    TINY_MODEL: {},
+    TINY_STUDENT: {"num_hidden_layers": 2, "intermediate_size": 512, "seed": 1},
+}
+assert set(VARIANTS) == set(TINY_MODELS)
+
+
+def variant_spec(name: str = TINY_MODEL) -> dict:
+    return {**SPEC, **VARIANTS[name]}
 
 
 def corpus_files() -> list[Path]:
@@ -106,14 +119,15 @@ def corpus_texts() -> list[str]:
     return texts
 
 
-def tiny_build_name() -> str:
+def tiny_build_name(name: str = TINY_MODEL) -> str:
     """The folder name of the embedded model this checkout builds (it changes when the samples change)."""
-    return f"tiny-qwen2-{_build_hash()}"
+    prefix = "tiny-qwen2" if name == TINY_MODEL else f"{name}-qwen2"
+    return f"{prefix}-{_build_hash(name)}"
 
 
-@functools.lru_cache(maxsize=1)
-def _build_hash() -> str:
-    h = hashlib.sha256(json.dumps(SPEC, sort_keys=True).encode())
+@functools.cache
+def _build_hash(name: str = TINY_MODEL) -> str:
+    h = hashlib.sha256(json.dumps(variant_spec(name), sort_keys=True).encode())
     h.update(QWEN2_SPLIT_REGEX.encode())
     h.update(CHAT_TEMPLATE.encode())
     for path in corpus_files():
@@ -156,30 +170,31 @@ def build_tokenizer(texts: list[str]):
     return fast
 
 
-def build_model(tokenizer):
+def build_model(tokenizer, name: str = TINY_MODEL):
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
+    spec = variant_spec(name)
     vocab = ((len(tokenizer) + 63) // 64) * 64  # padded like real checkpoints
     config = Qwen2Config(
         vocab_size=vocab,
-        hidden_size=SPEC["hidden_size"],
-        intermediate_size=SPEC["intermediate_size"],
-        num_hidden_layers=SPEC["num_hidden_layers"],
-        num_attention_heads=SPEC["num_attention_heads"],
-        num_key_value_heads=SPEC["num_key_value_heads"],
-        max_position_embeddings=SPEC["max_position_embeddings"],
-        rope_theta=SPEC["rope_theta"],
+        hidden_size=spec["hidden_size"],
+        intermediate_size=spec["intermediate_size"],
+        num_hidden_layers=spec["num_hidden_layers"],
+        num_attention_heads=spec["num_attention_heads"],
+        num_key_value_heads=spec["num_key_value_heads"],
+        max_position_embeddings=spec["max_position_embeddings"],
+        rope_theta=spec["rope_theta"],
         tie_word_embeddings=False,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         dtype="float32",
     )
-    torch.manual_seed(SPEC["seed"])
+    torch.manual_seed(spec["seed"])
     model = Qwen2ForCausalLM(config)
     with torch.no_grad():
-        model.lm_head.weight.normal_(0.0, SPEC["lm_head_std"])
+        model.lm_head.weight.normal_(0.0, spec["lm_head_std"])
     model.generation_config = GenerationConfig(
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
@@ -192,20 +207,27 @@ def cache_root() -> Path:
     return Path(os.environ.get("TRAIN_CACHE", REPO_ROOT / ".cache"))
 
 
-def ensure_tiny_model() -> Path:
-    """Return the folder of the tiny model + tokenizer, building it on first use."""
-    target = cache_root() / tiny_build_name()
+def ensure_tiny_model(name: str = TINY_MODEL) -> Path:
+    """Return the folder of an embedded model (`VARIANTS`) + tokenizer, building it on first use."""
+    if name not in VARIANTS:
+        raise KeyError(f"no embedded model '{name}'; choose one of {sorted(VARIANTS)}")
+    target = cache_root() / tiny_build_name(name)
     if (target / "model.safetensors").is_file():
         return target
-    log.info("building the embedded tiny Qwen2 model and tokenizer -> %s", target)
+    log.info("building the embedded %s Qwen2 model and tokenizer -> %s", name, target)
     target.parent.mkdir(parents=True, exist_ok=True)
     # Build aside and rename: concurrent ranks or an interrupted build never leave a half folder.
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=target.parent))
     try:
-        tokenizer = build_tokenizer(corpus_texts())
+        if name == TINY_MODEL:
+            tokenizer = build_tokenizer(corpus_texts())
+        else:  # the very same tokenizer files as the default's: a variant shares its vocabulary by construction
+            from transformers import AutoTokenizer
+
+            tokenizer = AutoTokenizer.from_pretrained(ensure_tiny_model(TINY_MODEL))
         tokenizer.save_pretrained(tmp)
-        build_model(tokenizer).save_pretrained(tmp, safe_serialization=True)
-        (tmp / "build_spec.json").write_text(json.dumps(SPEC, indent=2) + "\n")
+        build_model(tokenizer, name).save_pretrained(tmp, safe_serialization=True)
+        (tmp / "build_spec.json").write_text(json.dumps(variant_spec(name), indent=2) + "\n")
         try:
             tmp.rename(target)
         except OSError:  # another process finished first
