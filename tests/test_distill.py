@@ -66,14 +66,27 @@ def test_distill_kl_falls_and_the_stage_records_its_teacher(distilled, teacher):
     assert agreement["token_kl_to_teacher"] > 0 and 0 <= agreement["answer_char_f1_to_teacher"] <= 1
 
 
-def test_distilled_stage_merges_like_any_other(distilled, tmp_path):
+@pytest.mark.export
+def test_distilled_stage_merges_exports_and_evaluates_like_any_other(distilled, tmp_path):
+    from train.core.config import DecodingConfig, EvalConfig
+    from train.core.paths import REPO_ROOT
+    from train.evaluation.task_eval import run_eval
+    from train.export.gguf import export_gguf
     from train.export.merge import merge_stage
 
     report = merge_stage(distilled, tmp_path / "merged", dtype="float32")
-    assert (tmp_path / "merged" / "config.json").is_file()
     assert json.loads((tmp_path / "merged" / "config.json").read_text())["num_hidden_layers"] == 2  # the student
     assert report["merged_vs_base_plus_adapter"]["max_abs_diff"] < 1e-4, report
     assert report["adapter_effect"]["max_abs_diff"] > 0 and report["lineage"] == [str(distilled.resolve())]
+    q8 = export_gguf(tmp_path / "merged", ["q8_0"])["files"]["student-q8_0.gguf"]  # named after the stage
+    assert q8["tokenization_identical"] and q8["within_tolerance"] and q8["chat"]["template_renders_identically"]
+    cfg = EvalConfig(
+        data=str(REPO_ROOT / "data_prep/samples/medical_eval_sample.jsonl"),
+        decodings=[DecodingConfig(name="greedy", max_new_tokens=16)],
+        max_examples=2,
+    )
+    members = run_eval([str(distilled)], cfg, tmp_path / "eval")["members"]
+    assert len(members) == 1 and next(iter(members.values()))["metrics"]["examples"] == 2
 
 
 def test_cached_teacher_logits_give_the_live_loss(teacher, distilled, monkeypatch):

@@ -2,6 +2,8 @@
 
     python -m train sft RECIPE [section.key=value ...]     train one stage
     python -m train reward|dpo|grpo RECIPE                 preference and RL stages after SFT (TRL trainers)
+    python -m train distill RECIPE                         a smaller student learns from a trained teacher stage
+    python -m train distill-report STAGE [--baseline S]    the student beside its teacher: KL, agreement, task metric
     python -m train classify RECIPE                        sequence classification (single/multi-label encoders)
     python -m train generate TARGET --prompt TEXT          generate from a stage, a merged model or a GGUF file
     python -m train eval RECIPE_OR_TARGET... --data F      decode, clean, score (EM/F1/accuracy), vote, pick checkpoints

@@ -73,6 +73,7 @@ def _check_launch(args) -> None:
     strategy = "single" if args.strategy == "ddp" and args.processes == 1 else args.strategy.replace("_offload", "")
     preflight(recipe, Launch(strategy, args.processes), precision, overwrite=args.overwrite)
     sys.stderr.write(f"check-launch: {args.recipe} is ready for {args.strategy} on {args.processes} process(es)\n")
+    sys.stdout.write(recipe.method + "\n")  # the command the launch runs (make train reads it)
 
 
 def _supervise_arguments(p) -> None:

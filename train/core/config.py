@@ -522,6 +522,13 @@ class DistillConfig:
         default=0.0, metadata={"help": "sequence mode: 0 = greedy answers, > 0 = sampled at this temperature."}
     )
     generation_batch_size: int = field(default=8, metadata={"help": "Prompts per generate() call of the teacher."})
+    generation_backend: Literal["hf", "vllm"] = field(
+        default="hf",
+        metadata={
+            "help": "sequence mode: hf = transformers generate() (anywhere); vllm = vLLM on a CUDA GPU "
+            "(installed separately), the teacher's merged 16-bit folder with tensor_parallel_size = the GPUs seen."
+        },
+    )
     verify: Literal["none", "exact_answer"] = field(
         default="none",
         metadata={
@@ -661,6 +668,11 @@ def validate_recipe(recipe: Recipe) -> None:
         )
     if recipe.method != "sft" and recipe.backend != "transformers":
         raise UserError(f"{origin}: method '{recipe.method}' runs on backend transformers only")
+    if recipe.method == "distill" and recipe.model.use_liger:
+        raise UserError(
+            f"{origin}: method distill compares the student's full next-token distribution, which Liger's fused "
+            "loss never builds; set model.use_liger: false"
+        )
     if recipe.backend == "unsloth" and recipe.model.use_liger:
         raise UserError(f"{origin}: backend 'unsloth' brings its own kernels; set model.use_liger: false")
     if recipe.parent is not None and Path(recipe.parent).resolve() == Path(recipe.output_dir).resolve():

@@ -52,6 +52,8 @@ def generate_answers(recipe: Recipe, tokenizer, rows: list[dict], path: Path) ->
     if not todo:
         return done
     log.info("teacher answers: %d done, %d to generate -> %s", len(done), len(todo), path)
+    if d.generation_backend == "vllm":
+        return _generate_vllm(recipe, tokenizer, todo, path, done)
     teacher = load_teacher(d.teacher, d.teacher_quantization, Path(recipe.output_dir))
     teacher_tok = AutoTokenizer.from_pretrained(teacher_tokenizer_source(d.teacher))
     same = teacher_tok.get_vocab() == tokenizer.get_vocab()
@@ -90,6 +92,48 @@ def generate_answers(recipe: Recipe, tokenizer, rows: list[dict], path: Path) ->
         write_jsonl(path, records, append=True)  # kept as they come: a preempted run keeps its answers
         done.update((a["key"], a) for a in records)
         log.info("teacher answers: %d/%d", len(done), len(done) + len(todo) - start - len(batch))
+    return done
+
+
+def _generate_vllm(recipe: Recipe, tokenizer, todo: list[dict], path: Path, done: dict) -> dict[str, dict]:
+    """The same answers file from vLLM (GPU): the teacher's merged folder, all prompts in one call per chunk."""
+    from train.models.teacher import is_stage, merged_teacher_dir, teacher_model_config
+
+    try:
+        from vllm import LLM, SamplingParams
+    except ImportError:
+        raise UserError(
+            "distill.generation_backend: vllm needs vLLM on a CUDA host (pip install vllm, in its own environment "
+            "if its pins differ); or set distill.generation_backend: hf"
+        ) from None
+    if not torch.cuda.is_available():
+        raise UserError("distill.generation_backend: vllm needs a CUDA GPU; on CPU use generation_backend: hf")
+    d = recipe.distill
+    folder = d.teacher
+    if is_stage(d.teacher):  # vLLM loads weights, not adapter chains: the chain merged in 16-bit first
+        folder = str(merged_teacher_dir(d.teacher, teacher_model_config(d.teacher), Path(recipe.output_dir)))
+    llm = LLM(model=folder, tokenizer=folder, tensor_parallel_size=torch.cuda.device_count())
+    teacher_tok = llm.get_tokenizer()
+    same = teacher_tok.get_vocab() == tokenizer.get_vocab()
+    params = SamplingParams(max_tokens=d.max_new_tokens, temperature=d.generation_temperature)
+    step = max(d.generation_batch_size, 256)
+    for start in range(0, len(todo), step):
+        batch = todo[start : start + step]
+        prompts = [
+            {"prompt_token_ids": r["prompt"] if same else teacher_tok.encode(tokenizer.decode(r["prompt"]))}
+            for r in batch
+        ]
+        records = []
+        for r, result in zip(batch, llm.generate(prompts, params), strict=True):
+            out = result.outputs[0]
+            gen = [t for t in out.token_ids if t != teacher_tok.eos_token_id]
+            text = teacher_tok.decode(gen, skip_special_tokens=False)
+            ids_out = gen if same else tokenizer(text, add_special_tokens=False)["input_ids"]
+            finished = out.finish_reason == "stop"
+            records.append({"key": row_key(r["prompt"]), "finished": finished, "text": text, "ids": ids_out})
+        write_jsonl(path, records, append=True)
+        done.update((a["key"], a) for a in records)
+        log.info("teacher answers (vLLM): %d", len(done))
     return done
 
 

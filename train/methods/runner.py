@@ -169,21 +169,15 @@ def _claim(recipe: Recipe, out: Path, resume: str | None, overwrite: bool) -> No
         raise UserError(problem[0])
 
 
-def preflight(
-    recipe: Recipe, launch: Launch, launched_precision: str | None = None, command: str = "sft", overwrite: bool = False
-) -> None:
-    """The start-up checks of `run_stage`, run once before a distributed launch (`make train-*`).
+def preflight(recipe: Recipe, launch: Launch, launched_precision: str | None = None, overwrite: bool = False) -> None:
+    """The start-up checks of `run_stage`, run once before a distributed launch (`make train-*`, which then
+    launches the recipe's own method).
 
     Inside a launch every rank would refuse the same recipe, and the launcher would add its own
     failure report; here the refusal is one line from one process, before any rank starts.
     """
     from data_prep.build import require_fresh
 
-    if recipe.method != command:
-        raise UserError(
-            f"{recipe.source_path} has method: {recipe.method}, but the launch runs `python -m train {command}`; "
-            f"launch `accelerate launch ... -m train {recipe.method} {recipe.source_path}` instead"
-        )
     check_launch(recipe, launch, launched_precision)
     check_report_to(recipe.training.report_to)
     out = Path(recipe.output_dir)
@@ -193,7 +187,7 @@ def preflight(
     if finished_stage(recipe, out) is None:
         outdir.claim(recipe, out, resume, overwrite, move=False)  # --overwrite moves files aside inside the launch
     adapter_chain(recipe.parent)
-    if recipe.method == "sft" and launch.world_size > 1:
+    if recipe.method in ("sft", "distill") and launch.world_size > 1:
         require_fresh(recipe, load_tokenizer(recipe.model))
 
 

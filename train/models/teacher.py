@@ -98,7 +98,7 @@ def load_teacher(teacher: str, quantization: str = "none", work_dir: Path | None
     else:
         source = resolve_model_path(teacher)
         if stage:  # 4-bit or ZeRO-3-sharded: the chain merged in 16-bit once, on one process, then loaded
-            source = str(_merged_teacher_dir(teacher, model_cfg, work_dir))
+            source = str(merged_teacher_dir(teacher, model_cfg, work_dir))
         quant = quantization_config(ModelConfig(quantization=quantization, dtype=model_cfg.dtype))
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -118,7 +118,7 @@ def load_teacher(teacher: str, quantization: str = "none", work_dir: Path | None
     return model
 
 
-def _merged_teacher_dir(teacher: str, model_cfg: ModelConfig, work_dir: Path | None) -> Path:
+def merged_teacher_dir(teacher: str, model_cfg: ModelConfig, work_dir: Path | None) -> Path:
     from accelerate import PartialState
 
     from train.core.io import replace_output
