@@ -174,6 +174,8 @@ def test_distill_refusals(teacher, tmp_path, tokenizer):
     changed.save_pretrained(other)
     with pytest.raises(UserError, match="tokenizes differently.*distill.mode: sequence"):
         run(distill_recipe(other, tmp_path / "y"), max_steps=1)
+    with pytest.raises(UserError, match="generation_backend: vllm needs"):  # CPU, no vLLM: one line, the fix
+        run(distill_recipe(teacher, tmp_path / "z", mode="sequence", generation_backend="vllm"), max_steps=1)
 
 
 def test_on_policy_distillation_trains_on_the_students_own_answers(teacher, tmp_path):
