@@ -186,3 +186,16 @@ def test_on_policy_distillation_trains_on_the_students_own_answers(teacher, tmp_
     assert len(divergence) == 3 and all(v > 0 for v in divergence)
     assert logged(tmp_path / "onp", "on_policy") == [1.0, 1.0, 1.0]  # every batch was the student's own answers
     assert record["metrics"]["distill"]["on_policy"] == 1.0
+
+
+def test_a_4bit_teacher_stage_is_merged_once_then_quantized(teacher, tmp_path):
+    from train.models.teacher import load_teacher
+
+    model = load_teacher(str(teacher), "nf4", tmp_path)
+    merged = tmp_path / "teacher_merged"
+    assert (merged / "teacher.json").is_file() and (merged / "tokenizer.json").is_file()  # vLLM loads it too
+    assert sum("4bit" in type(m).__name__ for m in model.modules()) == 4 * 7  # every projection in 4-bit
+    assert not any(p.requires_grad for p in model.parameters()) and not model.training
+    written = (merged / "model.safetensors").stat().st_mtime_ns
+    load_teacher(str(teacher), "nf4", tmp_path)
+    assert (merged / "model.safetensors").stat().st_mtime_ns == written  # the same teacher: not merged again

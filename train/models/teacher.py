@@ -120,6 +120,7 @@ def load_teacher(teacher: str, quantization: str = "none", work_dir: Path | None
 
 def merged_teacher_dir(teacher: str, model_cfg: ModelConfig, work_dir: Path | None) -> Path:
     from accelerate import PartialState
+    from transformers import AutoTokenizer
 
     from train.core.io import replace_output
     from train.models.merging import stream_merge
@@ -136,6 +137,7 @@ def merged_teacher_dir(teacher: str, model_cfg: ModelConfig, work_dir: Path | No
             shutil.rmtree(tmp, ignore_errors=True)  # ours: a merge of this folder that did not finish
             # Tensor by tensor (bounded memory), and no from_pretrained: under ZeRO-3 that is a collective.
             stream_merge(resolve_model_path(model_cfg.name_or_path), adapter_chain(teacher), tmp, model_cfg.dtype)
+            AutoTokenizer.from_pretrained(teacher_tokenizer_source(teacher)).save_pretrained(tmp)  # for vLLM
             (tmp / "teacher.json").write_text(json.dumps({"teacher": teacher, "identity": identity}) + "\n")
             replace_output(tmp, target)
     return target
