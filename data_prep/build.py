@@ -731,6 +731,8 @@ def build(recipe: Recipe, tokenizer) -> dict:
         "near_duplicates_removed": counts["near_duplicate"],
         "near_dedup_method": data.dedup.near,
         "dedup_seconds": round(stream.dedup_seconds, 2),
+        # MinHash band entries a full bucket did not take (dedup.MinHashDeduper.BUCKET_CAP): template-heavy data
+        "minhash_saturated_band_entries": getattr(stream.near, "saturated", 0),
         "contaminated_removed": counts["contaminated"],
         "mixed_rows": mix_counts,
         "train_rows": len(mixed) - n_eval,

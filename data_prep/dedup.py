@@ -58,6 +58,12 @@ class MinHashDeduper:
     """
 
     _BLOCK = 4096
+    # A band value shared by this many kept rows (a template or boilerplate passage, not a near-duplicate
+    # signal) takes no more rows: each new row is then confirmed against at most bands x cap candidates, so
+    # the work per row stays bounded instead of growing with the corpus (quadratic on template-heavy data:
+    # the 1 GB medical-o1-shaped benchmark ran for hours). Such a row is still compared with the bucket's
+    # first `cap` rows and, through its other bands, with the rest.
+    BUCKET_CAP = 256
 
     def __init__(self, threshold: float, ngram: int, num_perm: int, seed: int = 1, backend: str = "datasketch"):
         from datasketch import MinHash, MinHashLSH
@@ -78,6 +84,7 @@ class MinHashDeduper:
         self._kept = 0
         self._row_of = array("q")  # kept position -> global row number
         self.rows = 0
+        self.saturated = 0  # band entries not added to a full bucket (BUCKET_CAP)
 
     def _hashvalues(self, text: str) -> np.ndarray:
         """The row's signature (uint32). rensa: Rust R-MinHash over the same shingles, ~25x faster than
@@ -113,8 +120,10 @@ class MinHashDeduper:
                 table[key] = position
             elif isinstance(found, int):
                 table[key] = [found, position]
-            else:
+            elif len(found) < self.BUCKET_CAP:
                 found.append(position)
+            else:
+                self.saturated += 1
 
     def _earliest_match(self, hashvalues: np.ndarray, found: list) -> int | None:
         """The first kept row among the band matches whose estimated Jaccard (share of equal hash values, as
