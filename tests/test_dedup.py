@@ -75,6 +75,24 @@ def test_minhash_scales_without_pairwise_work():
     assert minhash_duplicates(texts, 0.8, 4, 128) == {3000: 10}
 
 
+def test_minhash_work_per_row_stays_bounded_on_template_heavy_rows(monkeypatch):
+    """Rows sharing one long template fill the template's band buckets: a full bucket takes no more rows (each
+    new row is confirmed against at most bands x cap), and a real duplicate is still found."""
+    import random
+
+    from data_prep.dedup import MinHashDeduper
+
+    monkeypatch.setattr(MinHashDeduper, "BUCKET_CAP", 8)
+    rng = random.Random(1)
+    template = "환자는 가슴 통증과 호흡 곤란을 호소하며 응급실에 내원하였다. " * 3
+    texts = [template + " ".join(f"소견{rng.randrange(10**6)}" for _ in range(12)) for _ in range(300)]
+    texts.append(texts[150])
+    deduper = MinHashDeduper(0.8, 4, 128, seed=1, backend="datasketch")
+    assert deduper.add(texts) == {300: 150}
+    sizes = [len(v) if isinstance(v, list) else 1 for table in deduper._tables for v in table.values()]
+    assert max(sizes) == 8 and deduper.saturated > 0
+
+
 def test_decontamination_drops_rows_overlapping_an_eval_set(tmp_path, tokenizer):
     path = write_jsonl(tmp_path / "ko.jsonl", ko_rows(SEOUL, BLOOD_PRESSURE, WATER))
     eval_set = write_jsonl(tmp_path / "eval.jsonl", [{"question": "혈압 질문", "answer": BLOOD_PRESSURE[2]}])
