@@ -68,7 +68,7 @@ def test_detect_launch_from_accelerate_variables(monkeypatch, tmp_path):
         (
             {"training": {"global_batch_size": 10, "per_device_train_batch_size": 2}},
             Launch("ddp", 3),
-            "not a multiple of per_device_train_batch_size x processes = 2 x 3",
+            "not a multiple of per_device_train_batch_size x data-parallel processes = 2 x 3",
         ),
     ],
 )

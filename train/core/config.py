@@ -317,6 +317,14 @@ class TrainingConfig:
     packing: bool = field(
         default=True, metadata={"help": "Padding-free best-fit packing (TRL 'bfd') up to data.max_length."}
     )
+    sequence_parallel: int = field(
+        default=1,
+        metadata={
+            "help": "Ulysses sequence parallelism: N consecutive ranks share each sequence, 1/N of its tokens each "
+            "(long chain-of-thought whose activations do not fit one GPU). The processes must be a multiple of N "
+            "and the query and KV heads divisible by N; the data-parallel size is processes / N."
+        },
+    )
     seed: int = field(default=3407, metadata={"help": "Training seed (init of LoRA, data order)."})
     logging_steps: int = field(default=1, metadata={"help": "Log every N optimizer steps."})
     save_steps: int = field(default=100, metadata={"help": "Checkpoint every N steps."})
@@ -340,6 +348,13 @@ class TrainingConfig:
             raise UserError(f"{origin}: batch size and gradient_accumulation_steps must be >= 1")
         if self.max_steps == 0:
             raise UserError(f"{origin}: training.max_steps=0 trains nothing; use -1 for epochs or a positive count")
+        if self.sequence_parallel < 1:
+            raise UserError(f"{origin}: training.sequence_parallel must be >= 1 (1 = off)")
+        if self.sequence_parallel > 1 and self.sft_args.get("average_tokens_across_devices") is False:
+            raise UserError(
+                f"{origin}: training.sequence_parallel averages the loss over the tokens of all ranks; "
+                "drop training.sft_args.average_tokens_across_devices: false"
+            )
         reserved = {"output_dir", "max_length", "packing", "seed", "bf16", "fp16", "completion_only_loss"}
         clash = reserved & set(self.sft_args)
         if clash:
@@ -668,6 +683,21 @@ def validate_recipe(recipe: Recipe) -> None:
         )
     if recipe.method != "sft" and recipe.backend != "transformers":
         raise UserError(f"{origin}: method '{recipe.method}' runs on backend transformers only")
+    if recipe.training.sequence_parallel > 1:
+        if recipe.method != "sft" or recipe.backend != "transformers":
+            raise UserError(
+                f"{origin}: training.sequence_parallel runs SFT on the transformers backend; this recipe has "
+                f"method {recipe.method}, backend {recipe.backend}: set training.sequence_parallel: 1"
+            )
+        if recipe.model.attn_implementation not in ("sdpa_packed", "flash_attention_2", "flash_attention_3"):
+            raise UserError(
+                f"{origin}: training.sequence_parallel needs an attention kernel that takes packing boundaries "
+                f"across the whole sequence; set model.attn_implementation: sdpa_packed (or flash_attention_2 on a GPU)"
+            )
+        if recipe.model.use_liger:
+            raise UserError(
+                f"{origin}: training.sequence_parallel is not combined with Liger; set model.use_liger: false"
+            )
     if recipe.method == "distill" and recipe.model.use_liger:
         raise UserError(
             f"{origin}: method distill compares the student's full next-token distribution, which Liger's fused "

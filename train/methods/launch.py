@@ -114,13 +114,14 @@ def check_launch(recipe: Recipe, launch: Launch, launched_precision: str | None 
             f"{launch.strategy} shards 4-bit weights only when they are stored in the compute dtype, but "
             f"model.quant_storage is {model.quant_storage}; set model.quant_storage: {model.dtype}"
         )
+    check_sequence_parallel(recipe, launch)
     if training.global_batch_size is not None:
-        per_step = training.per_device_train_batch_size * launch.world_size
+        per_step = training.per_device_train_batch_size * data_parallel_size(recipe, launch)
         if training.global_batch_size % per_step:
             raise UserError(
                 f"training.global_batch_size={training.global_batch_size} is not a multiple of "
-                f"per_device_train_batch_size x processes = {training.per_device_train_batch_size} x "
-                f"{launch.world_size}; use a multiple of {per_step} or change the batch size"
+                f"per_device_train_batch_size x data-parallel processes = {training.per_device_train_batch_size} x "
+                f"{data_parallel_size(recipe, launch)}; use a multiple of {per_step} or change the batch size"
             )
 
 
@@ -150,11 +151,40 @@ def check_report_to(report_to: list[str]) -> None:
             )
 
 
+def data_parallel_size(recipe: Recipe, launch: Launch) -> int:
+    """Replicas that see different batches: the processes, over the ranks that share one sequence."""
+    return max(launch.world_size // recipe.training.sequence_parallel, 1)
+
+
+def check_sequence_parallel(recipe: Recipe, launch: Launch) -> None:
+    """training.sequence_parallel: N must divide the processes and the model's query and KV heads."""
+    n = recipe.training.sequence_parallel
+    if n == 1:
+        return
+    if launch.world_size % n:
+        raise UserError(
+            f"training.sequence_parallel={n} splits each sequence over {n} processes, but {launch.world_size} were "
+            f"launched; launch a multiple of {n} (--num_processes / GPUS), or set training.sequence_parallel to a "
+            f"divisor of {launch.world_size}"
+        )
+    from train.models.loading import load_model_config
+
+    config = load_model_config(recipe.model)
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    if heads % n or kv % n:
+        usable = [d for d in range(2, kv + 1) if heads % d == 0 and kv % d == 0]
+        raise UserError(
+            f"training.sequence_parallel={n}: each rank attends with 1/{n} of the heads, but "
+            f"{recipe.model.name_or_path} has {heads} query and {kv} KV heads; use one of {usable or [1]}"
+        )
+
+
 def gradient_accumulation(recipe: Recipe, launch: Launch) -> int:
     training = recipe.training
     if training.global_batch_size is None:
         return training.gradient_accumulation_steps
-    return training.global_batch_size // (training.per_device_train_batch_size * launch.world_size)
+    return training.global_batch_size // (training.per_device_train_batch_size * data_parallel_size(recipe, launch))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -56,6 +56,10 @@ class SFT(Method):
         # The config first: under ZeRO-3 it makes from_pretrained shard the weights as they load.
         args = build_sft_config(recipe, str(out), has_eval=data.eval is not None)
         model, peft_config = load_model_and_lora(recipe)
+        if recipe.training.sequence_parallel > 1:
+            from train.models import sequence_parallel
+
+            sequence_parallel.enable(model, recipe.training.sequence_parallel)
         # Seed again right before the LoRA is created: its init must not depend on how much randomness
         # earlier steps used (building the tiny model, distributed set-up), or runs stop being comparable.
         set_seed(recipe.training.seed)
@@ -67,6 +71,7 @@ class SFT(Method):
             processing_class=tokenizer,
             peft_config=peft_config,
             callbacks=callbacks,
+            sequence_parallel=recipe.training.sequence_parallel,
         )
 
     def metrics(self, trainer, history: list[dict]) -> dict:
@@ -75,6 +80,8 @@ class SFT(Method):
             "train_tokens": real,
             "token_slots": slots,
             "padding_efficiency": round(real / slots, 4) if slots else None,
+            "sequence_parallel": trainer.sequence_parallel,
+            "widest_rank_batch_tokens": trainer.widest,
         }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -126,12 +127,33 @@ class StageTrainerMixin:
 
 
 class StageSFTTrainer(StageTrainerMixin, SFTTrainer):
-    """SFTTrainer with the stage guards, counting real tokens and token slots of every micro-batch."""
+    """SFTTrainer with the stage guards, counting real tokens and token slots of every micro-batch.
 
-    def __init__(self, *args, **kwargs):
+    `sequence_parallel=N`: each group of N ranks trains on the same batches, every rank on 1/N of each
+    sequence (train/models/sequence_parallel.py; the model's attention is made parallel before this)."""
+
+    def __init__(self, *args, sequence_parallel: int = 1, **kwargs):
         super().__init__(*args, **kwargs)
         self.real_tokens = 0
         self.token_slots = 0
+        self.widest = 0  # the longest micro-batch this rank saw, in tokens (1/N of it with sequence parallelism)
+        self.sequence_parallel = sequence_parallel
+        if sequence_parallel > 1:
+            self.data_collator.return_position_ids = True  # global positions survive the split (RoPE)
+
+    def get_train_dataloader(self):
+        if self.sequence_parallel == 1:
+            return super().get_train_dataloader()
+        from train.models import sequence_parallel as sp
+
+        whole = self.data_collator
+        self.data_collator = sp.ShardCollator(whole, self.sequence_parallel, sp.group_rank())
+        try:
+            loader = super().get_train_dataloader()
+        finally:
+            self.data_collator = whole
+        sp.shard_dataloader(loader, self.sequence_parallel)
+        return loader
 
     def count_tokens(self, inputs) -> None:
         input_ids = inputs["input_ids"]
@@ -139,6 +161,7 @@ class StageSFTTrainer(StageTrainerMixin, SFTTrainer):
         # Padding-free batches carry no attention_mask: every slot holds a real token.
         self.real_tokens += int(mask.sum()) if mask is not None else input_ids.numel()
         self.token_slots += input_ids.numel()
+        self.widest = max(self.widest, input_ids.shape[1])
 
     def extra_state(self) -> dict:
         real, slots = self.token_totals()  # over all ranks: a resume may run on another number of them
@@ -196,6 +219,9 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
             "metric_for_best_model": "eval_loss",
             "greater_is_better": False,
         }
+    extra = dict(t.sft_args)
+    if t.sequence_parallel > 1:  # every batch splits into N equal chunks
+        extra["pad_to_multiple_of"] = math.lcm(t.sequence_parallel, extra.get("pad_to_multiple_of") or 1)
     return SFTConfig(
         output_dir=output_dir,
         per_device_train_batch_size=t.per_device_train_batch_size,
@@ -226,5 +252,5 @@ def build_sft_config(recipe: Recipe, output_dir: str, has_eval: bool) -> SFTConf
         packing_strategy="bfd",
         completion_only_loss=True,
         **eval_kwargs,
-        **t.sft_args,
+        **extra,
     )

@@ -1,0 +1,77 @@
+"""Ulysses sequence parallelism on CPU (gloo all_to_all): 2 processes sharing each sequence equal 1 process."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from conftest import make_recipe
+from test_distributed import losses, max_adapter_diff, run
+
+from train.core.errors import UserError
+
+SP = ["training.sequence_parallel=2"]
+
+
+@pytest.mark.dist
+@pytest.mark.parametrize("packing", [True, False])
+def test_sequence_parallel_two_processes_equal_one_and_resume(tmp_path_factory, packing):
+    root = tmp_path_factory.mktemp(f"sp-{packing}")
+    data, extra = root / "data", [f"training.packing={str(packing).lower()}"]
+    single = run(root / "single", data, None, batch=2, extra=extra)
+    # One sequence-parallel group of 2 ranks = one data-parallel replica at the same micro-batch.
+    multi = run(root / "sp", data, "ddp", batch=2, extra=[*extra, *SP])
+    m = multi["metrics"]
+    assert m["world_size"] == 2 and m["sequence_parallel"] == 2
+    # Each rank held half of every sequence (padded to an even length), never the whole of it.
+    assert m["widest_rank_batch_tokens"] == (single["metrics"]["widest_rank_batch_tokens"] + 1) // 2, m
+    a, b = losses(root / "single"), losses(root / "sp")
+    assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
+    assert max_adapter_diff(root / "single", root / "sp") < 1e-4
+    if packing:  # resumed from checkpoint-2 in a new launch: the same steps 3-4 and the same adapter
+        resumed = root / "sp-resumed"
+        resumed.mkdir()
+        shutil.copytree(root / "sp" / "checkpoint-2", resumed / "checkpoint-2")
+        record = run(resumed, data, "ddp", 2, [*extra, *SP, "training.resume_from_checkpoint=auto"])
+        assert record["metrics"]["resumed_from"].endswith("checkpoint-2")
+        assert max(abs(x - y) for x, y in zip(losses(resumed), b[2:], strict=True)) < 1e-4
+        assert max_adapter_diff(root / "sp", resumed) < 1e-4
+
+
+def test_sequence_parallel_start_up_checks(stage1_dict):
+    from train.methods.launch import Launch, check_launch
+
+    recipe = make_recipe(stage1_dict, SP)
+    with pytest.raises(UserError, match="launch a multiple of 2"):
+        check_launch(make_recipe(stage1_dict, ["training.sequence_parallel=2"]), Launch("ddp", 3))
+    with pytest.raises(UserError, match=r"4 query and 2 KV heads; use one of \[2\]"):
+        check_launch(make_recipe(stage1_dict, ["training.sequence_parallel=4"]), Launch("ddp", 4))
+    check_launch(recipe, Launch("ddp", 4))  # 2 groups of 2: fine
+    from train.methods.launch import gradient_accumulation
+
+    # 4 processes in groups of 2 are 2 data-parallel replicas: 8 rows a step at micro-batch 2 = 2 accumulations.
+    batched = make_recipe(stage1_dict, [*SP, "training.global_batch_size=8", "training.per_device_train_batch_size=2"])
+    assert gradient_accumulation(batched, Launch("ddp", 4)) == 2
+    with pytest.raises(UserError, match="model.attn_implementation: sdpa_packed"):
+        make_recipe(stage1_dict, [*SP, "model.attn_implementation=sdpa"])
+    with pytest.raises(UserError, match="sequence_parallel must be >= 1"):
+        make_recipe(stage1_dict, ["training.sequence_parallel=0"])
+    with pytest.raises(UserError, match="runs SFT on the transformers backend; this recipe has method distill"):
+        make_recipe(stage1_dict | {"method": "distill", "distill": {"teacher": "x"}}, SP)
+    with pytest.raises(UserError, match="average_tokens_across_devices"):
+        make_recipe(stage1_dict, [*SP, "training.sft_args={average_tokens_across_devices: false}"])
+
+
+def test_sequence_parallel_collator_shifts_then_splits():
+    import torch
+
+    from train.models.sequence_parallel import ShardCollator
+
+    batch = {"input_ids": torch.arange(8)[None], "labels": torch.tensor([[-100, -100, 2, 3, 4, 5, 6, 7]])}
+    first, second = (ShardCollator(lambda _: dict(batch), 2, r)([None]) for r in (0, 1))
+    assert first["input_ids"].tolist() == [[0, 1, 2, 3]] and second["input_ids"].tolist() == [[4, 5, 6, 7]]
+    # The last token of the first half predicts the first token of the second: shifted before the split.
+    assert first["shift_labels"].tolist() == [[-100, 2, 3, 4]] and second["shift_labels"].tolist() == [[5, 6, 7, -100]]
+    assert second["position_ids"].tolist() == [[4, 5, 6, 7]]  # global positions for RoPE
+    with pytest.raises(ValueError, match="does not split"):
+        ShardCollator(lambda _: {"input_ids": torch.arange(7)[None], "labels": torch.arange(7)[None]}, 2, 0)([None])
