@@ -11,7 +11,7 @@ NPROC := $(shell nproc 2>/dev/null || echo 2)
 # Cluster launches: make train-stage1 GPUS=8 [STRATEGY=ddp|fsdp|zero2|zero3|zero3_offload|auto] [RECIPE=...]
 #                   any recipe, its method read from it: make train RECIPE=recipes/distill_32b_to_7b.yaml GPUS=8
 #                   one 4090 with Unsloth: make train-stage1 GPUS=1 BACKEND=unsloth
-#                   [ARGS="training.max_steps=10"] [GPU_MEMORY_GB=24 for auto without a visible GPU]
+#                   [ARGS="training.max_steps=10"] [GPU_MEMORY_GB=24 for auto without a visible GPU] [SP=auto|N]
 GPUS ?= 1
 STRATEGY ?= ddp
 BACKEND ?= transformers
@@ -20,6 +20,8 @@ NODE_RANK ?= 0
 MASTER_ADDR ?= 127.0.0.1
 MASTER_PORT ?= 29500
 ARGS ?=
+# SP=auto: training.sequence_parallel from the memory model for the recipe's max_length; SP=N: that degree
+SP ?=
 
 .PHONY: install install-export merge export eval demo demo-fast test test-fast test-slow test-dist test-slurm test-gpu lint format docs constraints bench bench-gpu install-gpu lm-eval gpu-wheels gpu-evidence gpu-evidence-rehearsal \
         data-stage1 data-stage2 train-stage1 train-stage2 train clean
@@ -185,13 +187,17 @@ train-stage1 train-stage2 train: install
 	@strategy=$(STRATEGY); \
 	if [ "$$strategy" = auto ]; then strategy=$$($(BIN)/python -m train pick-strategy $(RECIPE) --gpus $(GPUS) $(if $(GPU_MEMORY_GB),--gpu-memory-gb $(GPU_MEMORY_GB))) || exit 2; fi; \
 	test -f accelerate_configs/$$strategy.yaml || { echo "error: no accelerate_configs/$$strategy.yaml (available: $$(ls accelerate_configs/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ') auto)"; exit 2; }; \
-	method=$$($(BIN)/python -m train check-launch $(RECIPE) $(ARGS) --strategy $$strategy --processes $$(( $(GPUS) * $(NODES) )) \
+	sp=$(SP); \
+	if [ "$$sp" = auto ]; then sp=$$($(BIN)/python -m train pick-strategy $(RECIPE) --gpus $$(( $(GPUS) * $(NODES) )) --strategy $$strategy \
+	  --sequence-parallel $(if $(GPU_MEMORY_GB),--gpu-memory-gb $(GPU_MEMORY_GB))) || exit 2; fi; \
+	args="$(ARGS)$${sp:+ training.sequence_parallel=$$sp}"; \
+	method=$$($(BIN)/python -m train check-launch $(RECIPE) $$args --strategy $$strategy --processes $$(( $(GPUS) * $(NODES) )) \
 	  --config-file accelerate_configs/$$strategy.yaml) || exit 2; \
-	if [ "$$method" = distill ]; then $(BIN)/python -m train distill $(RECIPE) $(ARGS) --prepare-only || exit 2; fi; \
+	if [ "$$method" = distill ]; then $(BIN)/python -m train distill $(RECIPE) $$args --prepare-only || exit 2; fi; \
 	exec $(BIN)/python -m train supervise -- $(BIN)/accelerate launch --config_file accelerate_configs/$$strategy.yaml \
 	  --num_processes $$(( $(GPUS) * $(NODES) )) --num_machines $(NODES) --machine_rank $(NODE_RANK) \
 	  --main_process_ip $(MASTER_ADDR) --main_process_port $(MASTER_PORT) \
-	  -m train $$method $(RECIPE) $(ARGS)
+	  -m train $$method $(RECIPE) $$args
 
 clean:
 	rm -rf outputs/demo outputs/demo-fast

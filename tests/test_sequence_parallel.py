@@ -75,3 +75,40 @@ def test_sequence_parallel_collator_shifts_then_splits():
     assert second["position_ids"].tolist() == [[4, 5, 6, 7]]  # global positions for RoPE
     with pytest.raises(ValueError, match="does not split"):
         ShardCollator(lambda _: {"input_ids": torch.arange(7)[None], "labels": torch.arange(7)[None]}, 2, 0)([None])
+
+
+def test_sequence_parallel_memory_model_is_the_measured_fit_and_picks_n(capsys):
+    from test_launch import QWEN_32B
+    from transformers import Qwen2Config
+
+    from bench.activation_memory import saved_bytes_per_token_per_layer
+    from train.methods.memory import activation_bytes_per_token, layer_bytes_per_token, pick_sequence_parallel
+
+    # The coefficients in memory.py reproduce what autograd saves on a shape the fit never saw (1%).
+    shape = dict(hidden_size=384, intermediate_size=1024, num_attention_heads=6, num_key_value_heads=2)
+    measured = saved_bytes_per_token_per_layer(1, 384, 1024, 6, 2, 128)
+    assert abs(layer_bytes_per_token(Qwen2Config(**shape)) / measured - 1) < 0.01, measured
+
+    per_token = activation_bytes_per_token(QWEN_32B)
+    assert 1.4e6 < per_token < 1.7e6 and activation_bytes_per_token(QWEN_32B, 4) == per_token / 4
+    assert pick_sequence_parallel(QWEN_32B, "nf4", "ddp", 8, 80, 32768)[0] == 2  # 8x H100: ~32k fit without
+    assert pick_sequence_parallel(QWEN_32B, "nf4", "ddp", 8, 80, 16384)[0] == 1
+    assert pick_sequence_parallel(QWEN_32B, "nf4", "fsdp", 8, 24, 32768)[0] == 4  # 8x 4090 under FSDP2
+    n, why = pick_sequence_parallel(QWEN_32B, "nf4", "ddp", 8, 24, 32768)  # a replicated 32B leaves a 4090 nothing
+    assert n is None and "shard the weights" in why
+
+    from train.cli import main
+
+    main(
+        [
+            "pick-strategy",
+            "recipes/tiny/stage1_medical.yaml",
+            "--gpus",
+            "2",
+            "--gpu-memory-gb",
+            "24",
+            "--sequence-parallel",
+        ]
+    )
+    out = capsys.readouterr()
+    assert out.out == "1\n" and "SP=auto -> training.sequence_parallel=1" in out.err

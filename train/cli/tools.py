@@ -29,6 +29,12 @@ def _pick_arguments(p) -> None:
     p.add_argument("recipe")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu-memory-gb", type=float, help="memory per GPU (default: read from the first GPU)")
+    p.add_argument(
+        "--sequence-parallel",
+        action="store_true",
+        help="print the sequence-parallel degree N a micro-batch of data.max_length tokens needs instead (SP=auto)",
+    )
+    p.add_argument("--strategy", help="with --sequence-parallel: the strategy the launch uses (default: the pick)")
 
 
 def _pick_strategy(args) -> None:
@@ -42,10 +48,22 @@ def _pick_strategy(args) -> None:
         raise UserError(
             "no GPU visible to read its memory from; pass --gpu-memory-gb (e.g. 24 for a 4090, 80 for H100)"
         )
-    params = parameter_count(load_model_config(recipe.model))
-    strategy, why = pick_strategy(params, recipe.model.quantization, args.gpus, memory)
-    sys.stderr.write(f"STRATEGY=auto -> {strategy}: {why}\n")
-    sys.stdout.write(("ddp" if strategy == "single" else strategy) + "\n")
+    config = load_model_config(recipe.model)
+    strategy, why = pick_strategy(parameter_count(config), recipe.model.quantization, args.gpus, memory)
+    if not args.sequence_parallel:
+        sys.stderr.write(f"STRATEGY=auto -> {strategy}: {why}\n")
+        sys.stdout.write(("ddp" if strategy == "single" else strategy) + "\n")
+        return
+    from train.methods.memory import pick_sequence_parallel
+
+    tokens = recipe.data.max_length * recipe.training.per_device_train_batch_size  # packed rows of max_length
+    n, why = pick_sequence_parallel(
+        config, recipe.model.quantization, args.strategy or strategy, args.gpus, memory, tokens, recipe.lora.r
+    )
+    if n is None:
+        raise UserError(f"SP=auto: {why}")
+    sys.stderr.write(f"SP=auto -> training.sequence_parallel={n}: {why}\n")
+    sys.stdout.write(f"{n}\n")
 
 
 def _check_launch_arguments(p) -> None:
