@@ -1,4 +1,5 @@
-"""Ulysses sequence parallelism on CPU (gloo all_to_all): 2 processes sharing each sequence equal 1 process."""
+"""Ulysses sequence parallelism on CPU (gloo all_to_all): 2 processes sharing each sequence equal 1 process,
+under DDP and FSDP2 (the test shim), with and without packing, across a resume."""
 
 from __future__ import annotations
 
@@ -13,29 +14,51 @@ from train.core.errors import UserError
 SP = ["training.sequence_parallel=2"]
 
 
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One-process reference runs, per packing setting, built on first use."""
+    root, done = tmp_path_factory.mktemp("sp"), {}
+
+    def get(packing: bool):
+        if packing not in done:
+            out = root / f"single-{packing}"
+            done[packing] = (out, run(out, root / f"data-{packing}", None, batch=2, extra=_packing(packing)))
+        return done[packing]
+
+    return root, get
+
+
+def _packing(packing: bool) -> list[str]:
+    return [f"training.packing={str(packing).lower()}"]
+
+
 @pytest.mark.dist
-@pytest.mark.parametrize("packing", [True, False])
-def test_sequence_parallel_two_processes_equal_one_and_resume(tmp_path_factory, packing):
-    root = tmp_path_factory.mktemp(f"sp-{packing}")
-    data, extra = root / "data", [f"training.packing={str(packing).lower()}"]
-    single = run(root / "single", data, None, batch=2, extra=extra)
+@pytest.mark.parametrize(("strategy", "packing"), [("ddp", True), ("ddp", False), ("fsdp", True)])
+def test_sequence_parallel_two_processes_equal_one_and_resume(single, strategy, packing):
+    root, get = single
+    reference, ref_record = get(packing)
+    data, extra = root / f"data-{packing}", [*_packing(packing), *SP]
     # One sequence-parallel group of 2 ranks = one data-parallel replica at the same micro-batch.
-    multi = run(root / "sp", data, "ddp", batch=2, extra=[*extra, *SP])
-    m = multi["metrics"]
-    assert m["world_size"] == 2 and m["sequence_parallel"] == 2
+    out = root / f"sp-{strategy}-{packing}"
+    m = run(out, data, strategy, batch=2, extra=extra)["metrics"]
+    assert (
+        m["world_size"] == 2
+        and m["sequence_parallel"] == 2
+        and m["sharding"] == {"fsdp": "fsdp2"}.get(strategy, strategy)
+    )
     # Each rank held half of every sequence (padded to an even length), never the whole of it.
-    assert m["widest_rank_batch_tokens"] == (single["metrics"]["widest_rank_batch_tokens"] + 1) // 2, m
-    a, b = losses(root / "single"), losses(root / "sp")
+    assert m["widest_rank_batch_tokens"] == (ref_record["metrics"]["widest_rank_batch_tokens"] + 1) // 2, m
+    a, b = losses(reference), losses(out)
     assert len(a) == len(b) == 4 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
-    assert max_adapter_diff(root / "single", root / "sp") < 1e-4
-    if packing:  # resumed from checkpoint-2 in a new launch: the same steps 3-4 and the same adapter
+    assert max_adapter_diff(reference, out) < 1e-4
+    if strategy == "ddp" and packing:  # resumed from checkpoint-2 in a new launch: the same steps 3-4 and adapter
         resumed = root / "sp-resumed"
         resumed.mkdir()
-        shutil.copytree(root / "sp" / "checkpoint-2", resumed / "checkpoint-2")
-        record = run(resumed, data, "ddp", 2, [*extra, *SP, "training.resume_from_checkpoint=auto"])
+        shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+        record = run(resumed, data, "ddp", 2, [*extra, "training.resume_from_checkpoint=auto"])
         assert record["metrics"]["resumed_from"].endswith("checkpoint-2")
         assert max(abs(x - y) for x, y in zip(losses(resumed), b[2:], strict=True)) < 1e-4
-        assert max_adapter_diff(root / "sp", resumed) < 1e-4
+        assert max_adapter_diff(out, resumed) < 1e-4
 
 
 def test_sequence_parallel_start_up_checks(stage1_dict):
