@@ -133,6 +133,7 @@ $(VENV)/.installed-gpu: $(VENV)/.installed
 bench: install
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.data_prep_bench
 	OMP_NUM_THREADS=1 $(BIN)/python -m bench.train_bench
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.activation_memory
 
 # GPU evidence in one command for a short lent GPU window (bench/gpu_evidence.py says what runs and the budgets):
 #   here:  make gpu-wheels            the wheels the GPU image lacks -> .cache/gpu-wheels (57.5 MiB, carried)
