@@ -41,6 +41,32 @@ def tokenizer(tiny_dir):
     return AutoTokenizer.from_pretrained(tiny_dir)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_train(args: list[str], strategy: str | None = None, processes: int = 2, timeout: int = 900) -> None:
+    """`python -m train ARGS` in one process (strategy None), or under `accelerate launch` with the shipped
+    config of `strategy` (gloo on CPU; FSDP2 through the test shim); fails with the command's stderr."""
+    import subprocess
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
+    cmd = [sys.executable, "-m", "train", *args]
+    if strategy is not None:
+        launcher = ["-m", "accelerate.commands.launch", "--config_file", f"accelerate_configs/{strategy}.yaml"]
+        launcher += ["--num_processes", str(processes), "--main_process_port", str(_free_port())]
+        cmd = [sys.executable, *launcher, "-m", "train", *args]
+        if strategy == "fsdp":
+            env.update(FSDP_CPU_SHIM="1", PYTHONPATH=str(REPO / "tests" / "fsdp_cpu_shim"))
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
 def recipe_dict(name: str) -> dict:
     return yaml.safe_load((REPO / "recipes" / "tiny" / f"{name}.yaml").read_text(encoding="utf-8"))
 

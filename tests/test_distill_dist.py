@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
-from conftest import REPO
+from conftest import run_train
 from safetensors.torch import load_file
-from test_distributed import _free_port, losses
+from test_distributed import losses
 
 pytestmark = pytest.mark.dist
 
@@ -25,24 +22,7 @@ COMMON = [
 
 
 def _run(args: list[str], processes: int, strategy: str = "ddp") -> None:
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    launcher = [sys.executable, "-m", "train"]
-    if processes > 1:
-        launcher = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            f"accelerate_configs/{strategy}.yaml",
-            "--num_processes",
-            str(processes),
-            "--main_process_port",
-            str(_free_port()),
-            "-m",
-            "train",
-        ]
-    proc = subprocess.run([*launcher, *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_train(args, strategy if processes > 1 else None, processes)
 
 
 @pytest.fixture(scope="module")

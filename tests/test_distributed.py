@@ -11,13 +11,12 @@ import json
 import os
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import REPO, _free_port, run_train
 from safetensors.torch import load_file
 
 pytestmark = pytest.mark.dist
@@ -35,12 +34,6 @@ COMMON = [
 EXPECTED_SHARDING = {"ddp": "ddp", "zero2": "zero2", "zero3": "zero3", "fsdp": "fsdp2"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def run(out: Path, data: Path, strategy: str | None, batch: int, extra: list[str] = (), timeout: int = 900) -> dict:
     args = [
         RECIPE,
@@ -50,29 +43,7 @@ def run(out: Path, data: Path, strategy: str | None, batch: int, extra: list[str
         f"training.per_device_train_batch_size={batch}",
         *extra,
     ]
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    if strategy is None:
-        cmd = [sys.executable, "-m", "train", "sft", *args]
-    else:
-        cmd = [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            f"accelerate_configs/{strategy}.yaml",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            str(_free_port()),
-            "-m",
-            "train",
-            "sft",
-            *args,
-        ]
-        if strategy == "fsdp":
-            env.update(FSDP_CPU_SHIM="1", PYTHONPATH=str(REPO / "tests" / "fsdp_cpu_shim"))
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_train(["sft", *args], strategy, timeout=timeout)
     return json.loads((out / "stage.json").read_text())
 
 

@@ -9,8 +9,8 @@ import sys
 
 import pytest
 import yaml
-from conftest import REPO
-from test_distributed import _free_port, losses, max_adapter_diff
+from conftest import REPO, run_train
+from test_distributed import losses, max_adapter_diff
 
 pytestmark = pytest.mark.dist
 
@@ -28,28 +28,7 @@ def _dpo(root, parent, strategy, batch):
         f"training.per_device_train_batch_size={batch}",
     ]
     assert data["method"] == "dpo"
-    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", TOKENIZERS_PARALLELISM="false")
-    cmd = (
-        [sys.executable, "-m", "train", "dpo", *args]
-        if strategy is None
-        else [
-            sys.executable,
-            "-m",
-            "accelerate.commands.launch",
-            "--config_file",
-            f"accelerate_configs/{strategy}.yaml",
-            "--num_processes",
-            "2",
-            "--main_process_port",
-            str(_free_port()),
-            "-m",
-            "train",
-            "dpo",
-            *args,
-        ]
-    )
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_train(["dpo", *args], strategy)
     return json.loads((root / (strategy or "single") / "stage.json").read_text())
 
 

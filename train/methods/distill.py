@@ -26,8 +26,8 @@ from train.core.errors import UserError
 from train.core.log import get_logger
 from train.methods.launch import Launch
 from train.methods.runner import Method, StageData, run_stage
-from train.methods.sft import load_model_and_lora
-from train.methods.trainers import StageSFTTrainer, build_sft_config
+from train.methods.sft import trainer_inputs
+from train.methods.trainers import StageSFTTrainer
 from train.models.lineage import adapter_chain
 from train.models.teacher import check_same_tokenizer, is_stage, load_teacher, teacher_identity
 
@@ -110,31 +110,18 @@ class Distill(Method):
         del teacher
 
     def trainer(self, recipe: Recipe, tokenizer, data: StageData, out: Path, callbacks: list):
-        from transformers import set_seed
-
         from train.methods.distill_loss import StageDistillTrainer, TeacherCache
 
         d = recipe.distill
-        args = build_sft_config(recipe, str(out), has_eval=data.eval is not None)
-        model, peft_config = load_model_and_lora(recipe)
-        set_seed(recipe.training.seed)  # LoRA init independent of what loading used, as in SFT
-        common = dict(
-            model=model,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-        )
+        inputs = trainer_inputs(recipe, tokenizer, data, out, callbacks)  # the student, as SFT builds it
         if d.mode == "sequence":
-            return StageSFTTrainer(**common)
+            return StageSFTTrainer(**inputs)
         teacher = cache = None
         if d.teacher_logits == "live":
             teacher = load_teacher(d.teacher, d.teacher_quantization, out, recipe.model.attn_implementation)
         else:
             cache = TeacherCache(out / CACHE_DIR)
-        return StageDistillTrainer(**common, teacher=teacher, cache=cache, settings=d, vocab=len(tokenizer))
+        return StageDistillTrainer(**inputs, teacher=teacher, cache=cache, settings=d, vocab=len(tokenizer))
 
     def metrics(self, trainer, history: list[dict]) -> dict:
         real, slots = trainer.token_totals()

@@ -42,6 +42,32 @@ def load_model_and_lora(recipe: Recipe):
     return load_model_for_training(recipe), peft_lora_config(recipe.lora)
 
 
+def trainer_inputs(recipe: Recipe, tokenizer, data: StageData, out: Path, callbacks: list) -> dict:
+    """The keyword arguments of an SFT-shaped trainer (StageSFTTrainer and the distill trainer built on it)."""
+    from transformers import set_seed
+
+    # The config first: under ZeRO-3 it makes from_pretrained shard the weights as they load.
+    args = build_sft_config(recipe, str(out), has_eval=data.eval is not None)
+    model, peft_config = load_model_and_lora(recipe)
+    if recipe.training.sequence_parallel > 1:
+        from train.models import sequence_parallel
+
+        sequence_parallel.enable(model, recipe.training.sequence_parallel)
+    # Seed again right before the LoRA is created: its init must not depend on how much randomness
+    # earlier steps used (building the tiny model, distributed set-up), or runs stop being comparable.
+    set_seed(recipe.training.seed)
+    return dict(
+        model=model,
+        args=args,
+        train_dataset=data.train,
+        eval_dataset=data.eval,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+        sequence_parallel=recipe.training.sequence_parallel,
+    )
+
+
 class SFT(Method):
     name = "sft"
 
@@ -51,28 +77,7 @@ class SFT(Method):
         return StageData(train, held, manifest)
 
     def trainer(self, recipe: Recipe, tokenizer, data: StageData, out: Path, callbacks: list):
-        from transformers import set_seed
-
-        # The config first: under ZeRO-3 it makes from_pretrained shard the weights as they load.
-        args = build_sft_config(recipe, str(out), has_eval=data.eval is not None)
-        model, peft_config = load_model_and_lora(recipe)
-        if recipe.training.sequence_parallel > 1:
-            from train.models import sequence_parallel
-
-            sequence_parallel.enable(model, recipe.training.sequence_parallel)
-        # Seed again right before the LoRA is created: its init must not depend on how much randomness
-        # earlier steps used (building the tiny model, distributed set-up), or runs stop being comparable.
-        set_seed(recipe.training.seed)
-        return StageSFTTrainer(
-            model=model,
-            args=args,
-            train_dataset=data.train,
-            eval_dataset=data.eval,
-            processing_class=tokenizer,
-            peft_config=peft_config,
-            callbacks=callbacks,
-            sequence_parallel=recipe.training.sequence_parallel,
-        )
+        return StageSFTTrainer(**trainer_inputs(recipe, tokenizer, data, out, callbacks))
 
     def metrics(self, trainer, history: list[dict]) -> dict:
         real, slots = trainer.token_totals()
