@@ -14,6 +14,7 @@ do not matter. Written shard by shard: an interrupted build resumes at the next 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import random
 from pathlib import Path
@@ -122,10 +123,10 @@ def build_teacher_cache(teacher, datasets: list, folder: Path, meta: dict, batch
             old.unlink()
         index = None
     index = index or {"meta": meta, "rows": {}, "shards": 0}
-    pending = [row for data in datasets for row in data if row_key(row["input_ids"]) not in index["rows"]]
     device = next(teacher.parameters()).device
-    for start in range(0, len(pending), shard_rows):
-        chunk = pending[start : start + shard_rows]
+    rows = (row for data in datasets for row in data if row_key(row["input_ids"]) not in index["rows"])
+    done = 0
+    while chunk := list(itertools.islice(rows, shard_rows)):  # one shard's rows in memory at a time
         shard, all_idx, all_lp, offset = index["shards"], [], [], 0
         for b in range(0, len(chunk), batch_size):
             batch = chunk[b : b + batch_size]
@@ -154,7 +155,8 @@ def build_teacher_cache(teacher, datasets: list, folder: Path, meta: dict, batch
         )
         index["shards"] = shard + 1
         write_json(index_path, index)  # the shard is complete: a rerun starts after it
-        log.info("teacher cache: %d/%d rows", min(start + shard_rows, len(pending)), len(pending))
+        done += len(chunk)
+        log.info("teacher cache: %d rows in %d shard(s)", done, index["shards"])
     return folder
 
 
