@@ -67,8 +67,9 @@ def test_sequence_parallel_start_up_checks(stage1_dict):
     recipe = make_recipe(stage1_dict, SP)
     with pytest.raises(UserError, match="launch a multiple of 2"):
         check_launch(make_recipe(stage1_dict, ["training.sequence_parallel=2"]), Launch("ddp", 3))
-    with pytest.raises(UserError, match=r"4 query and 2 KV heads; use one of \[2\]"):
-        check_launch(make_recipe(stage1_dict, ["training.sequence_parallel=4"]), Launch("ddp", 4))
+    with pytest.raises(UserError, match=r"4 query and 2 KV heads; use one of \[2, 4\]"):
+        check_launch(make_recipe(stage1_dict, ["training.sequence_parallel=3"]), Launch("ddp", 3))
+    check_launch(make_recipe(stage1_dict, ["training.sequence_parallel=4"]), Launch("ddp", 4))  # KV heads replicated
     check_launch(recipe, Launch("ddp", 4))  # 2 groups of 2: fine
     from train.methods.launch import gradient_accumulation
 

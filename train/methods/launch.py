@@ -172,12 +172,18 @@ def check_sequence_parallel(recipe: Recipe, launch: Launch) -> None:
     config = load_model_config(recipe.model)
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
-    if heads % n or kv % n:
-        usable = [d for d in range(2, kv + 1) if heads % d == 0 and kv % d == 0]
+    if not heads_split(heads, kv, n):
+        usable = [d for d in range(2, heads + 1) if heads_split(heads, kv, d)]
         raise UserError(
             f"training.sequence_parallel={n}: each rank attends with 1/{n} of the heads, but "
             f"{recipe.model.name_or_path} has {heads} query and {kv} KV heads; use one of {usable or [1]}"
         )
+
+
+def heads_split(heads: int, kv: int, n: int) -> bool:
+    """Ulysses over n ranks: the query heads divide by n, and the KV heads divide by n or are replicated n/kv
+    times (DeepSpeed's core does that when n is a multiple of them)."""
+    return heads % n == 0 and (kv % n == 0 or n % kv == 0)
 
 
 def gradient_accumulation(recipe: Recipe, launch: Launch) -> int:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from train.methods.launch import BYTES_PER_PARAM, linear_shapes, parameter_count
+from train.methods.launch import BYTES_PER_PARAM, heads_split, linear_shapes, parameter_count
 
 # bytes per token per decoder layer = per_hidden * hidden + per_intermediate * intermediate + per_kv_dim * kv_dim
 # + constant (bench/results/2026-11-30-cpu2-x86_64.md, "activation bytes per token per layer (bf16, LoRA r=16)":
@@ -81,7 +81,7 @@ def longest_sequence(
 def usable_degrees(config, gpus: int) -> list[int]:
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
-    return [n for n in range(1, gpus + 1) if gpus % n == 0 and heads % n == 0 and kv % n == 0]
+    return [n for n in range(1, gpus + 1) if gpus % n == 0 and heads_split(heads, kv, n)]
 
 
 def pick_sequence_parallel(

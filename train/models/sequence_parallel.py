@@ -4,18 +4,21 @@
 
 Each group of N consecutive ranks receives the same micro-batch; the collator wrapper shifts the labels
 over the whole sequence, then keeps this rank's 1/N chunk of every token-aligned tensor (position ids
-included, so RoPE sees global positions). In each attention layer an all-to-all turns
-[batch, heads, seq/N, dim] into [batch, heads/N, seq, dim], the inner kernel (sdpa_packed, or flash
-attention on a GPU) attends over the whole sequence with TRL's unsharded packing boundaries
-(`cu_seq_lens_q`), and a second all-to-all turns the result back. The loss needs nothing new: TRL's
-token-sum over the global token count (`average_tokens_across_devices`) already averages over the real
-completion tokens of the whole sequence, and DDP/ZeRO/FSDP average gradients over all ranks.
+included, so RoPE sees global positions). Attention is DeepSpeed's Ulysses core (`UlyssesSPAttentionHF`,
+the attention half of its ALST): an all-to-all turns [batch, heads, seq/N, dim] into [batch, heads/N,
+seq, dim] (KV heads replicated when N exceeds them), the inner kernel (sdpa_packed, or flash attention on
+a GPU) attends over the whole sequence with TRL's unsharded packing boundaries (`cu_seq_lens_q`), and a
+second all-to-all turns the result back. The loss needs nothing new: TRL's token sum over the global
+token count (`average_tokens_across_devices`) already averages over the real completion tokens of the
+whole sequence, and DDP/ZeRO/FSDP average gradients over all ranks.
 
-Why by hand: the library path (accelerate's ParallelismConfig with DeepSpeed's ALST Ulysses) runs only
-under DeepSpeed, drops the attention mask with SDPA (packed documents then attend to each other), and
-its dataloader adapter fails on TRL's padding-free batches (1-D `cu_seq_lens_q`); on CPU it also needs
-DeepSpeed's comm started by hand and every batch padded to one width (gloo all_gather). The pieces here
-work under DDP, ZeRO and FSDP2, with and without packing.
+What is ours and why: the rest of DeepSpeed's ALST, as accelerate's ParallelismConfig wires it, runs only
+under a DeepSpeed launch, drops the attention mask for SDPA (packed documents then attend to each other),
+refuses any kernel but sdpa/flash (so not sdpa_packed), and its dataloader adapter fails on TRL's
+padding-free batches (1-D `cu_seq_lens_q`); on CPU it also needs deepspeed.comm started by hand (accelerate
+skips it without CUDA) and every batch padded to one width (gloo's all_gather). So the batch sharing, the
+shift-then-split collator and the kernel registration are here, and work under DDP, ZeRO and FSDP2, with
+and without packing.
 """
 
 from __future__ import annotations
@@ -31,34 +34,6 @@ from train.models.attention import packed_sdpa_forward
 _state: dict = {"size": 1, "group": None, "rank": 0}
 
 
-class _AllToAll(torch.autograd.Function):
-    """Split x along `scatter_dim` over the group and concatenate what arrives along `gather_dim`."""
-
-    @staticmethod
-    def forward(ctx, x, scatter_dim: int, gather_dim: int):
-        ctx.dims = (scatter_dim, gather_dim)
-        send = [c.contiguous() for c in x.chunk(_state["size"], dim=scatter_dim)]
-        received = [torch.empty_like(send[0]) for _ in send]
-        dist.all_to_all(received, send, group=_state["group"])
-        return torch.cat(received, dim=gather_dim)
-
-    @staticmethod
-    def backward(ctx, grad):
-        scatter_dim, gather_dim = ctx.dims
-        return _AllToAll.apply(grad, gather_dim, scatter_dim), None, None
-
-
-def _ulysses(inner):
-    def forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
-        if _state["size"] == 1 or not module.training:  # evaluation and generation see whole sequences
-            return inner(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
-        q, k, v = (_AllToAll.apply(t, 1, 2) for t in (query, key, value))  # [b, h, s/N, d] -> [b, h/N, s, d]
-        out, _ = inner(module, q, k, v, None, dropout=dropout, scaling=scaling, **kwargs)  # [b, s, h/N, d]
-        return _AllToAll.apply(out, 1, 2), None  # -> [b, s/N, h, d]
-
-    return forward
-
-
 def _inner_kernel(name: str):
     if name == PACKED:
         return packed_sdpa_forward
@@ -69,14 +44,39 @@ def enable(model, size: int) -> None:
     """Make every rank's attention sequence-parallel in groups of `size` consecutive ranks (all ranks call it)."""
     if size == 1:
         return
+    import deepspeed
+    import deepspeed.comm as ds_comm
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import UlyssesSPAttentionHF
+
+    if not ds_comm.is_initialized():  # accelerate starts it only for a DeepSpeed launch on GPUs: reuse torch's group
+        deepspeed.init_distributed(dist_backend=dist.get_backend())
     world, rank = dist.get_world_size(), dist.get_rank()
     for start in range(0, world, size):  # every rank creates every group, in the same order
         group = dist.new_group(list(range(start, start + size)))
         if start <= rank < start + size:
             _state.update(size=size, group=group, rank=rank - start)
-    inner = model.config._attn_implementation
-    name = f"ulysses_{inner}"
-    AttentionInterface.register(name, _ulysses(_inner_kernel(inner)))
+    config, inner_name = model.config, model.config._attn_implementation
+    inner = _inner_kernel(inner_name)
+    cores: dict[int, UlyssesSPAttentionHF] = {}
+
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        batch = query.shape[0]
+        if batch not in cores:  # DeepSpeed's core is built for one micro-batch size; an epoch's last may be smaller
+            cores[batch] = UlyssesSPAttentionHF(
+                attn=inner,
+                batch_size=batch,
+                attn_head_count=config.num_attention_heads,
+                attn_head_size=getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads,
+                kv_head_count=getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
+                num_hidden_layers=config.num_hidden_layers,
+                process_group=_state["group"],
+                seq_length_is_variable=True,
+                disable_in_eval=True,  # evaluation and generation see whole sequences
+            )
+        return cores[batch](module, query, key, value, attention_mask, *args, **kwargs)
+
+    name = f"ulysses_{inner_name}"
+    AttentionInterface.register(name, attention)
     model.set_attn_implementation(name)
 
 
