@@ -1,4 +1,4 @@
-"""The stage runner: one path for every training method (sft, reward, dpo, grpo).
+"""The stage runner: one path for every training method (sft, reward, dpo, grpo, distill).
 
     record = run_stage(recipe, SFT)      # what `python -m train sft RECIPE` runs
 
