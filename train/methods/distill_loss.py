@@ -40,6 +40,13 @@ def row_key(ids) -> str:
     return hashlib.sha1(torch.as_tensor(ids, dtype=torch.int32).numpy().tobytes()).hexdigest()
 
 
+def prompt_and_reference(row: dict) -> dict:
+    """A processed row split at its first trained token: {"prompt": ids, "reference": completion ids}."""
+    mask = row["completion_mask"]
+    start = mask.index(1) if 1 in mask else len(mask)
+    return {"prompt": row["input_ids"][:start], "reference": row["input_ids"][start:]}
+
+
 def target_positions(labels: torch.Tensor) -> torch.Tensor:
     """Boolean (B, T-1): positions whose logits predict a trained (label != -100) token."""
     return labels[:, 1:] != -100

@@ -21,6 +21,7 @@ from train.core.formats import THINK_CLOSE, THINK_OPEN
 from train.core.io import atomic_write_text, write_json
 from train.core.log import get_logger
 from train.evaluation.qa_metrics import char_f1, clean_answer, exact_match
+from train.methods.distill_loss import prompt_and_reference
 
 log = get_logger("distill")
 
@@ -28,12 +29,7 @@ log = get_logger("distill")
 def held_out_rows(eval_ds, train_ds, n: int) -> list[dict]:
     """(prompt ids, reference completion ids) of the first n held-out rows (train rows if none are held out)."""
     source = eval_ds if eval_ds is not None and len(eval_ds) else train_ds
-    rows = []
-    for row in source.select(range(min(n, len(source)))):
-        mask = row["completion_mask"]
-        start = mask.index(1) if 1 in mask else len(mask)
-        rows.append({"prompt": row["input_ids"][:start], "reference": row["input_ids"][start:]})
-    return rows
+    return [prompt_and_reference(row) for row in source.select(range(min(n, len(source))))]
 
 
 @torch.no_grad()

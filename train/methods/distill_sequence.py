@@ -24,7 +24,7 @@ from train.core.formats import THINK_CLOSE
 from train.core.io import count_reasons, read_jsonl, write_json, write_jsonl, write_rejects
 from train.core.log import get_logger
 from train.evaluation.qa_metrics import clean_answer, contains_reference
-from train.methods.distill_loss import row_key
+from train.methods.distill_loss import prompt_and_reference, row_key
 from train.methods.launch import Launch
 from train.methods.runner import StageData
 
@@ -32,12 +32,6 @@ log = get_logger("distill")
 
 ANSWERS = "teacher_answers.jsonl"
 DATA_DIR = "distilled_data"
-
-
-def _split(row: dict) -> tuple[list[int], list[int]]:
-    mask = row["completion_mask"]
-    start = mask.index(1) if 1 in mask else len(mask)
-    return row["input_ids"][:start], row["input_ids"][start:]
 
 
 def generate_answers(recipe: Recipe, tokenizer, rows: list[dict], path: Path) -> dict[str, dict]:
@@ -158,7 +152,7 @@ def sequence_data(recipe: Recipe, tokenizer, launch: Launch) -> StageData:
     from data_prep.build import load_processed
 
     train, held, manifest = load_processed(recipe, tokenizer, allow_build=launch.world_size == 1)
-    rows = [dict(zip(("prompt", "reference"), _split(r), strict=True)) for r in train]
+    rows = [prompt_and_reference(r) for r in train]
     out = Path(recipe.output_dir)
     path = out / ANSWERS
     if launch.world_size > 1:
