@@ -42,5 +42,6 @@ def test_demo_fast_end_to_end(tmp_path):
     assert name == "stage2_korean-q4_k_m.gguf" and (tmp_path / "merged" / "gguf" / name).stat().st_size == gguf["bytes"]
     assert gguf["tokenization_identical"] and gguf["within_tolerance"] and gguf["fallback_tensors"] == {}
     assert gguf["tensor_types"]["Q4_K"] > 0
+    assert (tmp_path / "merged" / "gguf" / gguf["ollama_modelfile"]).read_text().startswith("# Ollama: ollama create")
     report = format_report(summary)
     assert "stage1_medical" in report and "pad eff" in report and "q4_k_m" in report and "ensemble vote" in report

@@ -145,6 +145,7 @@ def merge_and_export(stage_dir: Path, merged_dir: Path) -> tuple[dict, dict]:
                 )
             }
             | {"chat_stops_at_eos": entry["chat"]["stops_at_eos"] if entry["chat"] else None}
+            | {"ollama_modelfile": entry["ollama"]["file"]}
             for name, entry in export["files"].items()
         },
     }
@@ -207,6 +208,15 @@ def format_export_lines(summary: dict) -> str:
     return "\n".join(lines)
 
 
+def gguf_path(summary: dict) -> str:
+    """The exported file, relative to the working directory where it lies under it (for a command to copy)."""
+    path = Path(summary["gguf"]["out"]) / next(iter(summary["gguf"]["files"]))
+    try:
+        return str(path.resolve().relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
 def format_report(summary: dict) -> str:
     samples = "\n\n".join(f">>> {s['prompt']}\n{s['completion']}" for s in summary["generation"]["samples"])
     return (
@@ -214,4 +224,6 @@ def format_report(summary: dict) -> str:
         f"generation from {summary['generation']['stage']}:\n{samples}\n\n"
         f"evaluation on open medical questions:\n{summary['eval']['table']}\n{format_export_lines(summary)}\n\n"
         f"summary: {summary['summary_path']}\n"
+        f"next: serve it (OpenAI API) with `python -m train serve {gguf_path(summary)}`, "
+        "then `python -m train chat` for the browser page (README: Serve and share)\n"
     )

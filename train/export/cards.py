@@ -99,6 +99,8 @@ def write_model_card(
         first = gguf_files[-1]
         usage = (
             f"```bash\nllama-cli -m {first} -cnv            # llama.cpp; chat template and EOS come from the file\n"
+            f"python -m train serve {first}          # OpenAI-compatible server, <think> returned apart\n"
+            f"ollama create {Path(first).stem} -f {Path(first).stem}.Modelfile   # Ollama: the Modelfile beside each file\n"
             f"```\n```python\nfrom llama_cpp import Llama\nllm = Llama('{first}', n_ctx=4096)\n"
             "print(llm.create_chat_completion([{'role': 'user', 'content': '흉통의 감별진단은?'}]))\n```"
         )

@@ -35,6 +35,7 @@ from train.core.log import get_logger
 from train.core.paths import REPO_ROOT
 from train.export.cards import write_model_card
 from train.export.merge import MERGE_REPORT
+from train.export.modelfile import write_modelfile
 from train.export.parity import PARITY_TEXTS, compare_logits, token_logits
 from train.inference.llama_cpp import LLAMA_CPP_PYTHON_VERSION, import_llama_cpp
 
@@ -126,6 +127,7 @@ def gguf_contents(path: Path) -> dict:
         "chat_template": field("tokenizer.chat_template"),
         "eos_token_id": field("tokenizer.ggml.eos_token_id"),
         "bos_token_id": field("tokenizer.ggml.bos_token_id"),
+        "add_bos": field("tokenizer.ggml.add_bos_token"),
         "pre_tokenizer": field("tokenizer.ggml.pre"),
         "architecture": field("general.architecture"),
         "tensors": tensors,
@@ -207,6 +209,16 @@ def _write_files(llama_dir: Path, merged_dir: Path, tmp: Path, name: str, types:
         log.info("quantizing to %s", files[quant].name)
         quantize(llama_dir, float_file, files[quant], quant)
     return float_type, files
+
+
+def ollama_modelfile(path: Path, tokenizer, merged_dir: Path) -> dict:
+    """The Modelfile beside a GGUF file, its sampling defaults from the merged model's generation_config.json."""
+    config = merged_dir / "generation_config.json"
+    generation = json.loads(config.read_text(encoding="utf-8")) if config.is_file() else {}
+    meta = gguf_contents(path)
+    # Ollama adds BOS itself only where the file says so; otherwise the Go template writes it, as the Jinja does.
+    bos = "" if meta["add_bos"] else (tokenizer.bos_token or "")
+    return write_modelfile(path, meta["chat_template"], bos, tokenizer.eos_token or "", generation)
 
 
 def check_file(kind: str, path: Path, tokenizer, token_lists: list, merged_logits: list, ref_dtype: str) -> dict:
@@ -314,6 +326,7 @@ def export_gguf(
     for kind, path in files.items():
         if kind in types or keep_intermediate:
             report["files"][path.name] = check_file(kind, path, tokenizer, token_lists, merged_logits, ref_dtype)
+            report["files"][path.name]["ollama"] = ollama_modelfile(path, tokenizer, merged_dir)
     if float_type not in types and not keep_intermediate:
         files[float_type].unlink()
     report["failures"] = [f for entry in report["files"].values() for f in entry.pop("failures")]
@@ -341,5 +354,6 @@ def format_export(report: dict) -> str:
         )
     return (
         "\n".join(lines) + "\n(max diff: 16-bit files vs transformers on the merged weights; quantized files vs "
-        f"transformers reading the same file)\nGGUF files and export_report.json in {report['out']}\n"
+        f"transformers reading the same file)\nGGUF files, an Ollama Modelfile beside each, and export_report.json in "
+        f"{report['out']}\n"
     )
