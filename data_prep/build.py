@@ -40,8 +40,17 @@ from tqdm.auto import tqdm
 from data_prep import dedup
 from data_prep.schemas import Record, canonicalize
 from data_prep.sources import Reject, eval_texts, iter_source, local_files, resolve_local
-from data_prep.templates import Rendered, render_texts, tokenize_pairs
-from train.core.config import Recipe
+from data_prep.templates import (
+    Rendered,
+    conversation_template,
+    drop_first_exchange,
+    expand_turns,
+    render_conversation,
+    render_texts,
+    resolve_multi_turn,
+    tokenize_pairs,
+)
+from train.core.config import CONVERSATION_SCHEMAS, Recipe
 from train.core.errors import UserError
 from train.core.io import (
     REJECTS_FILE,
@@ -242,7 +251,7 @@ def _spill_schema():
             ("prompt", pa.string()),
             ("completion", pa.string()),
             ("input_ids", pa.list_(pa.int32())),
-            ("prompt_len", pa.int32()),
+            ("mask_runs", pa.list_(pa.int32())),  # alternating untrained/trained token counts, an even number
         ]
     )
 
@@ -310,6 +319,14 @@ class _Stream:
         self.spill_bytes = 0
         self.spill_path = spill
         self.writer = pa.ipc.new_file(str(spill), _spill_schema(), options=pa.ipc.IpcWriteOptions(compression="zstd"))
+        # Conversations: the template they are rendered with, and data.multi_turn resolved against it.
+        self.chat_template, self.multi_turn = None, None
+        self.conversation_rows = 0  # kept examples made from conversations
+        if any(s.schema in CONVERSATION_SCHEMAS for s in self.data.sources):
+            self.chat_template = conversation_template(self.data.template, self.data.system_prompt, tokenizer)
+            self.multi_turn = resolve_multi_turn(
+                self.data.multi_turn, self.data.template, self.chat_template, tokenizer
+            )
 
     def _near_deduper(self):
         cfg = self.data.dedup
@@ -383,11 +400,19 @@ class _Stream:
             return
         data = self.data
         mark = time.perf_counter()
-        prompts, completions = render_texts(
-            records, data.template, data.system_prompt, data.empty_think, self.tokenizer
-        )
-        rendered = tokenize_pairs(prompts, completions, self.tokenizer)
+        if self.multi_turn == "expand":
+            records = [part for rec in records for part in (expand_turns(rec) if rec.turns else [rec])]
+        single = [rec for rec in records if rec.turns is None]
+        prompts, completions = render_texts(single, data.template, data.system_prompt, data.empty_think, self.tokenizer)
+        flat = iter(tokenize_pairs(prompts, completions, self.tokenizer) if single else [])
         del prompts, completions
+        rendered: list[Rendered] = []
+        for i, rec in enumerate(records):
+            if rec.turns is None:
+                rendered.append(next(flat))
+            else:
+                r, records[i] = self._render_conversation(rec)
+                rendered.append(r)
         kept, counts = _apply_length_policy(rendered, records, self.recipe, self.rejects)
         self.length_counts.update(counts)
         mark = self._timed("tokenize", len(records), mark)
@@ -400,6 +425,20 @@ class _Stream:
         mark = self._timed("decontaminate", rows, mark)
         self._spill(kept)
         self._timed("spill", len(kept), mark)
+
+    def _render_conversation(self, rec: Record) -> tuple[Rendered, Record]:
+        """A conversation rendered; with length_policy truncate, its earliest exchanges dropped (whole turns,
+        counted) until it fits, or until only the trained last exchange is left (then the length policy drops it)."""
+        data = self.data
+        while True:
+            r = render_conversation(
+                rec, data.template, data.system_prompt, data.empty_think, self.tokenizer, self.chat_template or ""
+            )
+            shorter = drop_first_exchange(rec) if data.length_policy == "truncate" else None
+            if len(r.prompt_ids) + len(r.completion_ids) <= data.max_length or shorter is None:
+                return r, rec
+            self.length_counts["turns_dropped"] += 2
+            rec = shorter
 
     def _deduplicate(self, kept: list) -> list:
         if self.data.dedup.exact:
@@ -458,7 +497,8 @@ class _Stream:
 
         if not kept:
             return
-        prompt_lens = [len(r.prompt_ids) for r, _ in kept]
+        # Untrained tokens per row (a conversation's history and role headers count as prompt).
+        prompt_lens = [sum(r.mask_runs[0::2]) for r, _ in kept]
         totals = [len(r.prompt_ids) + len(r.completion_ids) for r, _ in kept]
         offsets = np.zeros(len(kept) + 1, dtype=np.int32)
         np.cumsum(totals, out=offsets[1:])
@@ -474,12 +514,13 @@ class _Stream:
                 pa.array([r.prompt for r, _ in kept], pa.string()),
                 pa.array([r.completion for r, _ in kept], pa.string()),
                 pa.ListArray.from_arrays(pa.array(offsets), pa.array(values)),
-                pa.array(prompt_lens, pa.int32()),
+                pa.array([r.mask_runs for r, _ in kept], pa.list_(pa.int32())),
             ],
             schema=_spill_schema(),
         )
         self.writer.write_batch(batch)
         self.spill_bytes += batch.nbytes
+        self.conversation_rows += sum(rec.turns is not None for _, rec in kept)
         first = len(self.lengths)
         for i, (_, rec) in enumerate(kept):
             self.by_source.setdefault(rec.source, []).append(first + i)
@@ -502,6 +543,12 @@ def _apply_length_policy(rendered: list[Rendered], records: list[Record], recipe
                 "(raise max_length or set data.length_policy: drop|truncate)"
             )
         room = max_len - len(r.prompt_ids) - 1
+        if rec.turns is not None:  # a conversation is never cut inside a turn (its earlier turns went first)
+            counts["too_long"] += 1
+            rejects.drop(
+                Reject(rec.source, rec.row_id, "too_long", f"{total} tokens > {max_len} with its last exchange alone")
+            )
+            continue
         if policy == "truncate" and room >= 1:
             # Cut the completion's text tokens, never its EOS.
             r.completion_ids = r.completion_ids[:room] + r.completion_ids[-1:]
@@ -567,12 +614,12 @@ def _output_table(table):
 
     ids = table.column("input_ids").combine_chunks()
     lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False).astype(np.int64)
-    prompt = table.column("prompt_len").to_numpy().astype(np.int64)
     offsets = pa.array(np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32))
     values = pa.array(ids.flatten().to_numpy(zero_copy_only=False).astype(np.int64))
-    runs = np.empty(2 * len(lengths), dtype=np.int64)  # per row: a run of 0s over the prompt, then 1s
-    runs[0::2], runs[1::2] = prompt, lengths - prompt
-    mask = pa.array(np.repeat(np.tile(np.array([0, 1], dtype=np.int64), len(lengths)), runs))
+    # Every row's runs alternate 0s and 1s, starting with 0s, and are even in number: flattened over the rows
+    # they still alternate, so one repeat builds every mask (a prompt then a completion, or a conversation's turns).
+    runs = table.column("mask_runs").combine_chunks().flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+    mask = pa.array(np.repeat(np.tile(np.array([0, 1], dtype=np.int64), len(runs) // 2), runs))
     return pa.table(
         [
             table.column("id"),
@@ -722,6 +769,11 @@ def build(recipe: Recipe, tokenizer) -> dict:
         "fingerprint": digest,
         "tokenizer": tokenizer.name_or_path,
         "template": data.template,
+        **(
+            {"multi_turn": stream.multi_turn, "conversation_examples": stream.conversation_rows}
+            if stream.multi_turn
+            else {}
+        ),
         "raw_rows": dict(raw_counts),
         "rejected": dict(validation_rejects),
         "reject_fraction": round(reject_fraction, 4),

@@ -6,6 +6,13 @@
 | kocommercial      | MarkrAI/KoCommercial-Dataset              | instruction (+ input) | -            | output   |
 | aihub_translation | AI Hub Korean-English .xlsx               | 원문 or 번역문 + instruction | -      | the other |
 | columns           | anything, through `columns:` in the recipe | as mapped            | as mapped    | as mapped |
+| messages          | OpenAI chat rows: messages [{role, content}] | every user turn   | per assistant turn: `<think>` in content or reasoning_content | every assistant turn |
+| sharegpt          | ShareGPT rows: conversations [{from, value}] (system, human, gpt) | every human turn | `<think>` in value | every gpt turn |
+
+A conversation must have at least one assistant turn, end on one, alternate user and assistant after an
+optional first system turn, and have no empty turn or unknown role; otherwise it is a reject by reason
+(`no_assistant_turn`, `ends_on_user_turn`, `roles_not_alternating`, `empty_turn`, `unknown_role`,
+`not_a_conversation`).
 
 An AI Hub pair's direction (Korean->English or English->Korean, `ko_to_en_ratio`) is drawn from a hash
 of the pair's normalized text; the build drops a pair seen before (in any file) before rendering it.
@@ -14,6 +21,7 @@ of the pair's normalized text; the build drops a pair seen before (in any file) 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from dataclasses import dataclass
 from typing import Literal, overload
@@ -27,6 +35,13 @@ KO_TO_EN = "다음 한국어 문장을 영어로 번역하세요.\n{text}"
 EN_TO_KO = "Translate the following English sentence into Korean.\n{text}"
 
 
+@dataclass(frozen=True)
+class Turn:
+    role: str  # user | assistant
+    content: str  # an assistant turn: the answer, its <think> block taken out into `reasoning`
+    reasoning: str | None = None
+
+
 @dataclass
 class Record:
     source: str
@@ -36,6 +51,15 @@ class Record:
     reasoning: str | None = None
     system: str | None = None
     pair_key: bytes | None = None  # aihub_translation: digest of the normalized (Korean, English) pair
+    turns: tuple[Turn, ...] | None = None  # a conversation (user/assistant alternating, ends on assistant)
+    train_last_only: bool = False  # data.multi_turn expand: history as at inference, only the last turn trained
+
+
+# Per conversation schema: (list column, role key, content key, role names -> user/assistant/system).
+CONVERSATION_FIELDS = {
+    "messages": ("messages", "role", "content", {"system": "system", "user": "user", "assistant": "assistant"}),
+    "sharegpt": ("conversations", "from", "value", {"system": "system", "human": "user", "gpt": "assistant"}),
+}
 
 
 class RowError(Exception):
@@ -81,6 +105,58 @@ def _check_think(text: str | None, column: str) -> str | None:
     return match.group(1).strip() if match and opened == 1 else text
 
 
+def _conversation(cells: dict, source: SourceConfig) -> tuple[str | None, tuple[Turn, ...]]:
+    """(system, turns) of a messages or sharegpt row, or a RowError naming what is wrong."""
+    column, role_key, content_key, roles = CONVERSATION_FIELDS[source.schema]
+    column = source.columns.get(source.schema if source.schema == "messages" else "conversations", column)
+    role_key, content_key = source.columns.get("role", role_key), source.columns.get("content", content_key)
+    value = cells.get(column)
+    if isinstance(value, str):  # a CSV or xlsx cell holding the list as JSON
+        try:
+            value = json.loads(value)
+        except ValueError:
+            raise RowError("not_a_conversation", f"column '{column}' is text, not a JSON list of turns") from None
+    if value is None or column not in cells:
+        raise RowError("missing_field", f"column '{column}' is missing")
+    if not isinstance(value, list) or not all(isinstance(t, dict) for t in value):
+        raise RowError("not_a_conversation", f"column '{column}' is not a list of {{{role_key}, {content_key}}} turns")
+    system, turns = None, []  # type: tuple[str | None, list[Turn]]
+    for i, raw in enumerate(value):
+        role = roles.get(str(raw.get(role_key)))
+        if role is None:
+            raise RowError(
+                "unknown_role", f"turn {i} has {role_key} {raw.get(role_key)!r}; use one of {', '.join(roles)}"
+            )
+        content = raw.get(content_key)
+        reasoning = raw.get("reasoning_content") or raw.get("reasoning") if role == "assistant" else None
+        if not isinstance(content, str) or not content.strip():
+            raise RowError("empty_turn", f"turn {i} ({role}) has no {content_key} text")
+        if role == "system":
+            if i != 0:
+                raise RowError("roles_not_alternating", f"turn {i} is a system turn; only the first turn may be")
+            system = content.strip()
+            continue
+        expected = "user" if len(turns) % 2 == 0 else "assistant"
+        if role != expected:
+            raise RowError("roles_not_alternating", f"turn {i} is {role} where {expected} was expected")
+        if role == "assistant":
+            if content.count(THINK_OPEN) != content.count(THINK_CLOSE):
+                raise RowError("unclosed_think", f"turn {i} has unbalanced <think> and </think>")
+            inline = re.fullmatch(r"\s*<think>(.*?)</think>(.*)", content, flags=re.S)
+            if inline:  # the reasoning written into the content, as R1 writes it
+                reasoning, content = inline.group(1).strip() or None, inline.group(2).strip()
+            if THINK_OPEN in content:
+                raise RowError("unclosed_think", f"turn {i}: a <think> block that is not at the start of the answer")
+            if not content:
+                raise RowError("empty_turn", f"turn {i} (assistant) has reasoning but no answer")
+        turns.append(Turn(role, content.strip(), reasoning.strip() if isinstance(reasoning, str) else None))
+    if not any(t.role == "assistant" for t in turns):
+        raise RowError("no_assistant_turn", "the conversation has no assistant turn to train on")
+    if turns[-1].role != "assistant":
+        raise RowError("ends_on_user_turn", "the conversation ends on a user turn (its answer is missing)")
+    return system, tuple(turns)
+
+
 def pair_key(korean: str, english: str) -> bytes:
     """The identity of a translation pair: the same sentences in any file, row, spacing or case."""
     return hashlib.sha256(f"{normalize(korean)}\x00{normalize(english)}".encode()).digest()
@@ -113,6 +189,10 @@ def to_record(row: RawRow, source: SourceConfig, seed: int) -> Record:
         if _direction_is_ko_to_en(key, source.ko_to_en_ratio, seed):
             return Record(source.name, row.row_id, KO_TO_EN.format(text=korean), english, pair_key=key)
         return Record(source.name, row.row_id, EN_TO_KO.format(text=english), korean, pair_key=key)
+    if schema in CONVERSATION_FIELDS:
+        system, turns = _conversation(cells, source)
+        last = turns[-1]
+        return Record(source.name, row.row_id, turns[-2].content, last.content, last.reasoning, system, turns=turns)
     # schema == "columns"
     mapping = source.columns
     question = _text(cells, mapping["question"])

@@ -30,6 +30,7 @@ def is_tiny(name: str | None) -> bool:
 
 
 SCHEMAS = ("medical_o1", "kocommercial", "aihub_translation", "columns")
+CONVERSATION_SCHEMAS = ("messages", "sharegpt")  # multi-turn chats (sft)
 PREFERENCE_SCHEMAS = ("preference", "ratings")  # reward and dpo
 VERIFIABLE_SCHEMA = "verifiable"  # grpo: question + ground truth
 TEMPLATES = ("reasoning", "chat")
@@ -119,17 +120,30 @@ class SourceConfig:
         }
     )
     schema: Literal[
-        "medical_o1", "kocommercial", "aihub_translation", "columns", "preference", "ratings", "verifiable"
+        "medical_o1",
+        "kocommercial",
+        "aihub_translation",
+        "columns",
+        "messages",
+        "sharegpt",
+        "preference",
+        "ratings",
+        "verifiable",
     ] = field(
         metadata={
-            "help": "How rows map to question/reasoning/answer (data_prep/schemas.py); for reward/dpo "
-            "'preference' (prompt, chosen, rejected) or 'ratings' (prompt, response, rating); for grpo "
+            "help": "How rows map to question/reasoning/answer (data_prep/schemas.py); multi-turn chats: "
+            "'messages' (OpenAI: messages [{role, content}]) or 'sharegpt' (conversations [{from, value}]); for "
+            "reward/dpo 'preference' (prompt, chosen, rejected) or 'ratings' (prompt, response, rating); for grpo "
             "'verifiable' (question, ground truth). `columns` renames the fields."
         }
     )
     columns: dict[str, str] = field(
         default_factory=dict,
-        metadata={"help": "For schema 'columns': {question: COL, answer: COL, reasoning: COL, system: COL}."},
+        metadata={
+            "help": "For schema 'columns': {question: COL, answer: COL, reasoning: COL, system: COL}; for "
+            "'messages': {messages: COL, role: KEY, content: KEY}; for 'sharegpt': {conversations: COL, role: KEY, "
+            "content: KEY} (defaults: messages/role/content, conversations/from/value)."
+        },
     )
     config_name: str | None = field(default=None, metadata={"help": "Hub dataset config (e.g. 'en', 'ko')."})
     split: str = field(default="train", metadata={"help": "Hub dataset split."})
@@ -160,6 +174,8 @@ class SourceConfig:
             "preference": {"prompt", "chosen", "rejected", "id"},
             "ratings": {"prompt", "response", "rating", "id"},
             "verifiable": {"question", "answer", "id"},
+            "messages": {"messages", "role", "content", "id"},
+            "sharegpt": {"conversations", "role", "content", "id"},
         }.get(self.schema, {"question", "answer", "reasoning", "system", "id", "context"})
         unknown = set(self.columns) - allowed
         if unknown:
@@ -231,7 +247,20 @@ class DataConfig:
     max_length: int = field(default=2048, metadata={"help": "Longest tokenized example (prompt + completion)."})
     length_policy: Literal["drop", "truncate", "error"] = field(
         default="drop",
-        metadata={"help": "Longer examples: drop them, truncate the completion (EOS kept), or fail."},
+        metadata={
+            "help": "Longer examples: drop them, truncate the completion (EOS kept; a conversation loses whole "
+            "turns from the front instead, never part of one), or fail."
+        },
+    )
+    multi_turn: Literal["auto", "expand", "all_turns"] = field(
+        default="auto",
+        metadata={
+            "help": "Conversations (schemas messages, sharegpt): 'expand' = one example per assistant turn, the "
+            "history as at inference (earlier answers without their <think> block), the trained turn with it; "
+            "'all_turns' = one example, every assistant turn trained, rendered as the template renders history; "
+            "'auto' = expand for the reasoning template and for chat templates that open <think> in the "
+            "generation prompt (R1, Qwen3), all_turns otherwise."
+        },
     )
     dedup: DedupConfig = field(default_factory=DedupConfig, metadata={"help": "Exact and near-duplicate removal."})
     decontaminate: list[str] = field(
@@ -662,7 +691,7 @@ def validate_recipe(recipe: Recipe) -> None:
     for i, dec in enumerate(recipe.eval.decodings):
         dec.validate(f"{origin}: eval.decodings[{i}]")
     wanted = {
-        "sft": set(SCHEMAS),
+        "sft": set(SCHEMAS) | set(CONVERSATION_SCHEMAS),
         "reward": set(PREFERENCE_SCHEMAS),
         "dpo": set(PREFERENCE_SCHEMAS),
         "grpo": {VERIFIABLE_SCHEMA},
