@@ -71,7 +71,10 @@ def _check_launch_arguments(p) -> None:
     p.add_argument("overrides", nargs="*", help="section.key=value, as given to the launched command")
     p.add_argument("--strategy", required=True, choices=["ddp", "fsdp", "zero2", "zero3", "zero3_offload"])
     p.add_argument("--processes", type=int, required=True, help="processes the launch will start (GPUS x NODES)")
-    p.add_argument("--config-file", help="the accelerate config the launch will use (its mixed_precision is checked)")
+    p.add_argument(
+        "--config-file",
+        help="the accelerate config the launch will use (its mixed_precision and FSDP wrap class are checked)",
+    )
     p.add_argument("--overwrite", action="store_true", help="as given to the launched command")
 
 
@@ -79,15 +82,20 @@ def _check_launch(args) -> None:
     import yaml
 
     from train.core.config import load_recipe
-    from train.methods.launch import Launch
+    from train.methods.launch import Launch, check_fsdp_wrap, fsdp_wrap_classes
     from train.methods.runner import preflight
 
     recipe = load_recipe(args.recipe, args.overrides)
     precision = None
     if args.config_file:
         with open(args.config_file, encoding="utf-8") as f:
-            value = (yaml.safe_load(f) or {}).get("mixed_precision", "no")
+            config = yaml.safe_load(f) or {}
+        value = config.get("mixed_precision", "no")
         precision = "no" if value in (False, None) else str(value)  # YAML reads an unquoted `no` as False
+        # Before the launch, not on every rank after loading: an FSDP wrap class the model does not have.
+        check_fsdp_wrap(
+            recipe, fsdp_wrap_classes((config.get("fsdp_config") or {}).get("fsdp_transformer_layer_cls_to_wrap"))
+        )
     strategy = "single" if args.strategy == "ddp" and args.processes == 1 else args.strategy.replace("_offload", "")
     preflight(recipe, Launch(strategy, args.processes), precision, overwrite=args.overwrite)
     sys.stderr.write(f"check-launch: {args.recipe} is ready for {args.strategy} on {args.processes} process(es)\n")

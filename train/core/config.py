@@ -17,11 +17,17 @@ from typing import Any, Literal
 from train.core.errors import UserError
 from train.core.typed_config import build_config, read_yaml
 
-# The embedded default: a tiny Qwen2 model built locally (train/models/tiny.py), and its smaller
-# sibling with the same tokenizer (a distillation student).
+# The embedded default: a tiny Qwen2 model built locally (train/models/tiny.py), its smaller sibling with
+# the same tokenizer (a distillation student), and tiny models of other families on that tokenizer.
 TINY_MODEL = "tiny"
 TINY_STUDENT = "tiny-student"
-TINY_MODELS = (TINY_MODEL, TINY_STUDENT)
+TINY_LLAMA = "tiny-llama"
+TINY_MISTRAL = "tiny-mistral"
+TINY_GEMMA3 = "tiny-gemma3"
+TINY_QWEN3 = "tiny-qwen3"
+TINY_GPT2 = "tiny-gpt2"
+TINY_FAMILIES = (TINY_LLAMA, TINY_MISTRAL, TINY_GEMMA3, TINY_QWEN3, TINY_GPT2)
+TINY_MODELS = (TINY_MODEL, TINY_STUDENT, *TINY_FAMILIES)
 
 
 def is_tiny(name: str | None) -> bool:
@@ -42,7 +48,8 @@ class ModelConfig:
         default=TINY_MODEL,
         metadata={
             "help": "Hub id or local folder of the base model; 'tiny' selects the embedded Qwen2 default, "
-            "'tiny-student' its smaller sibling (same tokenizer)."
+            "'tiny-student' its smaller sibling (same tokenizer); tiny-llama, tiny-mistral, tiny-gemma3, "
+            "tiny-qwen3, tiny-gpt2: tiny models of those families on that tokenizer (docs/embedded-model.md)."
         },
     )
     revision: str | None = field(default=None, metadata={"help": "Hub revision (branch, tag or commit)."})
@@ -98,16 +105,31 @@ class ModelConfig:
             raise UserError(f"{origin}: flash attention needs model.dtype bfloat16 or float16, not float32")
 
 
+ALL_LINEAR = "all-linear"  # PEFT's shorthand for every linear layer but the output head
+
+
 @dataclass
 class LoraConfig:
     r: int = field(default=16, metadata={"help": "LoRA rank."})
     alpha: int = field(default=16, metadata={"help": "LoRA alpha (scaling = alpha / r)."})
     dropout: float = field(default=0.0, metadata={"help": "Dropout on the LoRA input."})
     target_modules: list[str] = field(
-        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        metadata={"help": "Linear layers that get adapters."},
+        default_factory=lambda: [ALL_LINEAR],
+        metadata={
+            "help": "Layers that get adapters, by name as PEFT matches them (e.g. [q_proj, v_proj]); the default "
+            "[all-linear] is PEFT's every linear (and GPT-2 Conv1D) layer except the output head, so any "
+            "architecture works without knowing its layer names (on Qwen2/Llama: q,k,v,o,gate,up,down_proj)."
+        },
     )
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha/sqrt(r)."})
+
+    def __post_init__(self) -> None:
+        # PEFT reads 'all-linear' only as the whole value; inside a list of names it would match no layer.
+        if ALL_LINEAR in self.target_modules and len(self.target_modules) > 1:
+            raise UserError(
+                f"lora.target_modules {self.target_modules} mixes '{ALL_LINEAR}' with layer names; "
+                f"give [{ALL_LINEAR}] alone or only names"
+            )
 
 
 @dataclass

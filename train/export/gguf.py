@@ -134,10 +134,19 @@ def gguf_contents(path: Path) -> dict:
     }
 
 
+# 2-D tensors llama.cpp's quantizer keeps in their type by design (llama-quant.cpp): learned position embeddings
+# (GPT-2) and BERT's token types. Not a fallback.
+NEVER_QUANTIZED = {"position_embd.weight", "token_types.weight"}
+
+
 def fallback_tensors(tensors: dict, quant: str) -> dict:
     """2-D weights a quantization left in another type than it promises."""
     expected = QUANT_TYPES[quant][1]
-    return {name: kind for name, (kind, dims) in tensors.items() if dims >= 2 and kind not in expected}
+    return {
+        name: kind
+        for name, (kind, dims) in tensors.items()
+        if dims >= 2 and kind not in expected and name not in NEVER_QUANTIZED
+    }
 
 
 def _llama(path: Path, n_ctx: int = 512):

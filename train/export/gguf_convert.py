@@ -1,4 +1,5 @@
-"""Run llama.cpp's own `convert_hf_to_gguf.py`, teaching it one tokenizer it cannot know.
+"""Run llama.cpp's own `convert_hf_to_gguf.py`, teaching it one tokenizer it cannot know and one config
+name that transformers no longer writes.
 
     python -m train.export.gguf_convert LLAMA_CPP_DIR MODEL_DIR --outtype f16 --outfile model-f16.gguf
 
@@ -8,6 +9,10 @@ to, so a freshly trained vocabulary (the embedded tiny model's) matches no known
 splits text with Qwen2's exact regex. This wrapper answers "qwen2" for such a tokenizer and nothing
 else: the hash lookup runs first, and any other unknown tokenizer still fails as upstream does.
 `train export` then checks that llama.cpp and transformers tokenize Korean and English identically.
+
+GPT-2: the converter reads the context length from `n_ctx`, which GPT2Config (transformers 5) no longer
+has; it is `n_positions` (the learned position table), the same number in every GPT-2 config that has
+both, so the wrapper supplies it where it is missing.
 """
 
 from __future__ import annotations
@@ -53,6 +58,18 @@ def _patch(text_model_cls, model_dir: Path) -> None:
     text_model_cls.get_vocab_base_pre = get_vocab_base_pre
 
 
+def _patch_hparams(model_base_cls) -> None:
+    original = model_base_cls.load_hparams
+
+    def load_hparams(*args, **kwargs):
+        hparams = original(*args, **kwargs)
+        if hparams.get("model_type") == "gpt2" and "n_ctx" not in hparams and "n_positions" in hparams:
+            hparams["n_ctx"] = hparams["n_positions"]
+        return hparams
+
+    model_base_cls.load_hparams = staticmethod(load_hparams)
+
+
 def main(argv: list[str]) -> None:
     if len(argv) < 2:
         raise SystemExit("usage: python -m train.export.gguf_convert LLAMA_CPP_DIR MODEL_DIR [converter args...]")
@@ -65,11 +82,13 @@ def main(argv: list[str]) -> None:
         from conversion import base
 
         _patch(base.TextModel, model_dir)
+        _patch_hparams(base.ModelBase)
         sys.argv = [str(script), *argv[1:]]
         runpy.run_path(str(script), run_name="__main__")
     else:  # older checkouts: one big script
         module = runpy.run_path(str(script), run_name="convert_hf_to_gguf")
         _patch(module["TextModel"], model_dir)
+        _patch_hparams(module["ModelBase"])
         sys.argv = [str(script), *argv[1:]]
         module["main"]()
 

@@ -114,6 +114,8 @@ def check_launch(recipe: Recipe, launch: Launch, launched_precision: str | None 
             f"{launch.strategy} shards 4-bit weights only when they are stored in the compute dtype, but "
             f"model.quant_storage is {model.quant_storage}; set model.quant_storage: {model.dtype}"
         )
+    if launch.strategy == "fsdp":
+        check_fsdp_wrap(recipe, fsdp_wrap_classes(os.environ.get("FSDP_TRANSFORMER_CLS_TO_WRAP")))
     check_sequence_parallel(recipe, launch)
     if training.global_batch_size is not None:
         per_step = training.per_device_train_batch_size * data_parallel_size(recipe, launch)
@@ -123,6 +125,46 @@ def check_launch(recipe: Recipe, launch: Launch, launched_precision: str | None 
                 f"per_device_train_batch_size x data-parallel processes = {training.per_device_train_batch_size} x "
                 f"{data_parallel_size(recipe, launch)}; use a multiple of {per_step} or change the batch size"
             )
+
+
+def fsdp_wrap_classes(value) -> list[str]:
+    """An accelerate config's `fsdp_transformer_layer_cls_to_wrap` (accelerate launch passes it on as
+    FSDP_TRANSFORMER_CLS_TO_WRAP): class names, comma-separated or a list; [] when unset."""
+    if not value:
+        return []
+    items = value if isinstance(value, list) else str(value).strip("[]").split(",")
+    return [str(item).strip().strip("'\"") for item in items if str(item).strip().strip("'\"")]
+
+
+def model_layer_classes(model_cfg) -> tuple[set[str], list[str]]:
+    """(class names of every module of the base model, its `_no_split_modules`: the decoder-layer class that
+    accelerate wraps when the config names none), from a weightless skeleton on the meta device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from train.models.loading import load_model_config
+
+    config = load_model_config(model_cfg)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    return {type(m).__name__ for m in model.modules()}, sorted(getattr(model, "_no_split_modules", None) or [])
+
+
+def check_fsdp_wrap(recipe: Recipe, names: list[str]) -> None:
+    """An FSDP wrap class the model does not have fails at start-up with the fix, not on every rank after loading
+    (accelerate's "Could not find the transformer layer class"). accelerate_configs/fsdp.yaml names none: accelerate
+    then takes the model's own `_no_split_modules` (Qwen2DecoderLayer, LlamaDecoderLayer, GPT2Block, ...)."""
+    if not names:
+        return
+    present, no_split = model_layer_classes(recipe.model)
+    missing = [name for name in names if name not in present]
+    if missing:
+        raise UserError(
+            f"the accelerate config's fsdp_transformer_layer_cls_to_wrap names {', '.join(missing)}, which "
+            f"{recipe.model.name_or_path} does not have (its decoder layer: {', '.join(no_split) or '?'}); delete the "
+            f"key so accelerate wraps the model's own _no_split_modules (as accelerate_configs/fsdp.yaml does), or set "
+            f"it to {','.join(no_split) or 'a layer class of this model'}"
+        )
 
 
 # Trackers we name an extra for (pyproject); transformers knows others, which need their own package.
@@ -197,20 +239,53 @@ def gradient_accumulation(recipe: Recipe, launch: Launch) -> int:
 # STRATEGY=auto
 
 
-def linear_shapes(config) -> dict[str, tuple[int, int]]:
-    """(in, out) features of each decoder linear layer of a Qwen2/Llama-style config."""
-    h, inter = config.hidden_size, config.intermediate_size
+def intermediate_size(config) -> int:
+    """The MLP width: `intermediate_size` (Qwen2, Llama, Mistral, Gemma, Qwen3), GPT-2's `n_inner`, else 4 x hidden
+    (GPT-2's default when n_inner is unset)."""
+    return getattr(config, "intermediate_size", None) or getattr(config, "n_inner", None) or 4 * config.hidden_size
+
+
+def kv_dim(config) -> int:
+    """Width of the keys (= values) of one token in one layer: KV heads x head size (all heads without GQA)."""
     heads = config.num_attention_heads
     kv = getattr(config, "num_key_value_heads", None) or heads
+    return kv * (getattr(config, "head_dim", None) or config.hidden_size // heads)
+
+
+def linear_shapes(config) -> dict[str, tuple[int, int]]:
+    """(in, out) features of each linear layer of one decoder block, keyed by its name inside the block as PEFT
+    matches target_modules (a suffix of the module path). GPT-2 (`n_embd`; its Conv1D layers, fused QKV);
+    otherwise the q/k/v/o + gate/up/down names that Qwen2, Llama, Mistral, Gemma and Qwen3 share. The config
+    names differ too (GPT-2 has no intermediate_size), but transformers maps hidden_size, num_hidden_layers
+    and num_attention_heads onto GPT-2's own."""
+    h, inter = config.hidden_size, intermediate_size(config)
+    if getattr(config, "model_type", None) == "gpt2":
+        return {"attn.c_attn": (h, 3 * h), "attn.c_proj": (h, h), "mlp.c_fc": (h, inter), "mlp.c_proj": (inter, h)}
+    heads = config.num_attention_heads
     hd = getattr(config, "head_dim", None) or h // heads
     return {
         "q_proj": (h, heads * hd),
-        "k_proj": (h, kv * hd),
-        "v_proj": (h, kv * hd),
+        "k_proj": (h, kv_dim(config)),
+        "v_proj": (h, kv_dim(config)),
         "o_proj": (heads * hd, h),
         "gate_proj": (h, inter),
         "up_proj": (h, inter),
         "down_proj": (inter, h),
+    }
+
+
+def lora_target_shapes(config, target_modules: list[str]) -> dict[str, tuple[int, int]]:
+    """The linear_shapes that `lora.target_modules` adapts: all of them for PEFT's all-linear (which skips only the
+    output head), else those whose name ends in a listed name, as PEFT matches a list of names."""
+    from train.core.config import ALL_LINEAR
+
+    shapes = linear_shapes(config)
+    if list(target_modules) == [ALL_LINEAR]:
+        return shapes
+    return {
+        name: shape
+        for name, shape in shapes.items()
+        if any(name == t or name.endswith("." + t) or t.endswith("." + name) for t in target_modules)
     }
 
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from train.methods.launch import BYTES_PER_PARAM, heads_split, linear_shapes, parameter_count
+from train.methods.launch import BYTES_PER_PARAM, heads_split, intermediate_size, kv_dim, linear_shapes, parameter_count
 
 # bytes per token per decoder layer = per_hidden * hidden + per_intermediate * intermediate + per_kv_dim * kv_dim
 # + constant (bench/results/2026-11-30-cpu2-x86_64.md, "activation bytes per token per layer (bf16, LoRA r=16)":
@@ -38,13 +38,11 @@ class Fit:
 
 
 def layer_bytes_per_token(config) -> float:
-    shapes = linear_shapes(config)
-    kv_dim = shapes["k_proj"][1]
     f = ACTIVATION_FIT
     return (
         f["per_hidden"] * config.hidden_size
-        + f["per_intermediate"] * config.intermediate_size
-        + f["per_kv_dim"] * kv_dim
+        + f["per_intermediate"] * intermediate_size(config)
+        + f["per_kv_dim"] * kv_dim(config)
         + f["constant"]
     )
 

@@ -245,9 +245,9 @@ def guard_optimizer_step(trainer, optimizer) -> None:
 
 
 def lora_parameter_estimate(config, lora) -> int:
-    from train.methods.launch import linear_shapes
+    from train.methods.launch import lora_target_shapes
 
-    per_layer = sum(lora.r * (i + o) for name, (i, o) in linear_shapes(config).items() if name in lora.target_modules)
+    per_layer = sum(lora.r * (i + o) for i, o in lora_target_shapes(config, lora.target_modules).values())
     return per_layer * config.num_hidden_layers
 
 

@@ -15,7 +15,7 @@ import shutil
 from pathlib import Path
 
 import train.models.attention  # noqa: F401  (registers the sdpa_packed attention)
-from train.core.config import LoraConfig, ModelConfig, Recipe, is_tiny
+from train.core.config import ALL_LINEAR, LoraConfig, ModelConfig, Recipe, is_tiny
 from train.core.errors import UserError
 from train.core.io import replace_output
 from train.core.log import get_logger
@@ -143,6 +143,11 @@ def pin_4bit_cpu_path(model) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
+def peft_target_modules(lora: LoraConfig) -> str | list[str]:
+    """The recipe's target_modules as PEFT takes them: its `all-linear` shorthand works only as a plain string."""
+    return ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else list(lora.target_modules)
+
+
 def peft_lora_config(lora: LoraConfig):
     from peft import LoraConfig as PeftLoraConfig
 
@@ -150,7 +155,7 @@ def peft_lora_config(lora: LoraConfig):
         r=lora.r,
         lora_alpha=lora.alpha,
         lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=peft_target_modules(lora),
         use_rslora=lora.use_rslora,
         bias="none",
         task_type="CAUSAL_LM",

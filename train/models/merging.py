@@ -108,6 +108,29 @@ def read_adapter(folder: Path) -> Adapter:
     return Adapter(folder, targets)
 
 
+def conv1d_weights(folder: Path) -> set[str]:
+    """Names of the base's Conv1D weights (GPT-2's attention and MLP), from a weightless skeleton of its config.
+
+    Conv1D stores (in, out), the transpose of a Linear, so a LoRA delta goes in transposed. The layer decides, as
+    in PEFT (which sets fan_in_fan_out for a Conv1D whatever the adapter says), not the adapter's flag: an adapter
+    trained on the 4-bit model, where bitsandbytes made those layers Linear4bit, says false."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.pytorch_utils import Conv1D
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
+    except (ValueError, OSError, ImportError):  # no causal-LM class for it here: no Conv1D known either
+        return set()
+    return {f"{name}.weight" for name, module in model.named_modules() if isinstance(module, Conv1D)}
+
+
+def orient_to_base(adapters: list[Adapter], conv1d: set[str]) -> None:
+    for adapter in adapters:
+        for name, pair in adapter.targets.items():
+            pair.fan_in_fan_out = name in conv1d
+
+
 def base_files(base: str | Path, revision: str | None = None) -> Path:
     """The folder holding the base's safetensors and config (a local folder, or a Hub snapshot)."""
     path = Path(base)
@@ -246,6 +269,7 @@ def stream_merge(
     target = MERGE_DTYPES[dtype]
     folder = base_files(base, revision)
     chain = [read_adapter(Path(a)) for a in adapters]
+    orient_to_base(chain, conv1d_weights(folder))
     names = list(_shards(folder))
     for adapter in chain:
         missing = sorted(set(adapter.targets) - set(names))
@@ -287,6 +311,7 @@ def check_sample(base: str | Path, adapters: list[Path], merged: Path, dtype: st
     parity: the written tensor vs that reference; effect: the base tensor vs the written one."""
     folder = base_files(base)
     chain = [read_adapter(Path(a)) for a in adapters]
+    orient_to_base(chain, conv1d_weights(folder))
     targets = sorted({name for adapter in chain for name in adapter.targets})
     sample = [targets[i * len(targets) // min(count, len(targets))] for i in range(min(count, len(targets)))]
     by_base, by_merged = _shards(folder), _shards(merged)

@@ -16,11 +16,15 @@ from __future__ import annotations
 
 import os
 
-from train.core.config import Recipe
+from train.core.config import ALL_LINEAR, Recipe
 from train.core.errors import UserError
 from train.core.log import get_logger
 
 log = get_logger("unsloth")
+
+# lora.target_modules [all-linear] (the default) spelled out: Unsloth's fast LoRA path takes these names, and on the
+# Llama-style models it supports they are exactly what PEFT's all-linear adapts.
+UNSLOTH_ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 class UnslothApi:
@@ -106,12 +110,13 @@ def load_unsloth_model(recipe: Recipe, source: str | None = None, api=None):
         dtype=torch_dtype(model_cfg.dtype),
     )
     lora = recipe.lora
+    targets = UNSLOTH_ALL_LINEAR if lora.target_modules == [ALL_LINEAR] else list(lora.target_modules)
     return api.get_peft_model(
         model,
         r=lora.r,
         alpha=lora.alpha,
         dropout=lora.dropout,
-        target_modules=list(lora.target_modules),
+        target_modules=targets,
         seed=recipe.training.seed,
         use_rslora=lora.use_rslora,
         gradient_checkpointing=model_cfg.gradient_checkpointing,
