@@ -122,6 +122,13 @@ class LoraConfig:
         },
     )
     use_rslora: bool = field(default=False, metadata={"help": "Rank-stabilised scaling alpha/sqrt(r)."})
+    use_dora: bool = field(
+        default=False,
+        metadata={
+            "help": "DoRA (PEFT): each adapted weight learns its direction by LoRA and its per-row magnitude apart; "
+            "slower per step than LoRA; merges exactly like PEFT's merge_and_unload (streamed)."
+        },
+    )
 
     def __post_init__(self) -> None:
         # PEFT reads 'all-linear' only as the whole value; inside a list of names it would match no layer.
@@ -732,6 +739,8 @@ def validate_recipe(recipe: Recipe) -> None:
             f"{origin}: preference.rewards lists reward_model but preference.reward_model is not set; "
             "give the output_dir of a reward stage"
         )
+    if recipe.backend == "unsloth" and recipe.lora.use_dora:
+        raise UserError(f"{origin}: lora.use_dora runs on backend transformers (Unsloth's fast LoRA path has no DoRA)")
     if recipe.method != "sft" and recipe.backend != "transformers":
         raise UserError(f"{origin}: method '{recipe.method}' runs on backend transformers only")
     if recipe.training.sequence_parallel > 1:

@@ -157,6 +157,7 @@ def peft_lora_config(lora: LoraConfig):
         lora_dropout=lora.dropout,
         target_modules=peft_target_modules(lora),
         use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
         bias="none",
         task_type="CAUSAL_LM",
     )

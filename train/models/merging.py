@@ -63,6 +63,7 @@ class LoraPair:
     b: str
     scaling: float
     fan_in_fan_out: bool
+    magnitude: str | None = None  # DoRA: key of the layer's lora_magnitude_vector
 
 
 @dataclass
@@ -72,13 +73,12 @@ class Adapter:
 
 
 def read_adapter(folder: Path) -> Adapter:
-    """The adapter's LoRA pairs keyed by the base tensor they change; features a tensor merge cannot
-    express (DoRA, trained biases, modules_to_save, per-module ranks) are refused with the reason."""
+    """The adapter's LoRA pairs keyed by the base tensor they change (DoRA's magnitude vectors too); features a
+    tensor merge cannot express (trained biases, modules_to_save, per-module ranks) are refused with the reason."""
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     unsupported = [
         name
         for name, present in (
-            ("use_dora", config.get("use_dora")),
             ("lora_bias", config.get("lora_bias")),
             ("bias", config.get("bias", "none") != "none"),
             ("modules_to_save", config.get("modules_to_save")),
@@ -102,7 +102,10 @@ def read_adapter(folder: Path) -> Adapter:
         if b not in keys:
             raise UserError(f"{folder}: {key} has no matching lora_B")
         base = stem.removeprefix("base_model.model.") + ".weight"
-        targets[base] = LoraPair(key, b, scaling, bool(config.get("fan_in_fan_out")))
+        magnitude = f"{stem}.lora_magnitude_vector" if config.get("use_dora") else None
+        if magnitude is not None and magnitude not in keys:
+            raise UserError(f"{folder}: a DoRA adapter without {magnitude}")
+        targets[base] = LoraPair(key, b, scaling, bool(config.get("fan_in_fan_out")), magnitude)
     if not targets:
         raise UserError(f"{folder}: no LoRA weights in adapter_model.safetensors")
     return Adapter(folder, targets)
@@ -228,7 +231,16 @@ def _merged(tensor: torch.Tensor, name: str, adapters: list[Adapter], loras: lis
         if pair.fan_in_fan_out:
             delta = delta.T
         delta = delta * pair.scaling
-        tensor = (tensor.float() + delta).to(dtype)  # PEFT: weight.data += delta (a float32 delta)
+        if pair.magnitude is None:
+            tensor = (tensor.float() + delta).to(dtype)  # PEFT: weight.data += delta (a float32 delta)
+            continue
+        # DoRA, as PEFT's DoraLinearVariant.merge_safe: the weight with its delta, each output row rescaled to
+        # the learned magnitude (row norms taken on the (out, in) view; a Conv1D stores (in, out)).
+        weight = tensor.float() + delta
+        rows = weight.T if pair.fan_in_fan_out else weight
+        factor = lora.get_tensor(pair.magnitude).float() / torch.linalg.norm(rows, dim=1)
+        rows = factor.view(-1, 1) * rows
+        tensor = (rows.T if pair.fan_in_fan_out else rows).to(dtype)
     return tensor
 
 
