@@ -118,10 +118,13 @@ def conv1d_weights(folder: Path) -> set[str]:
     in PEFT (which sets fan_in_fan_out for a Conv1D whatever the adapter says), not the adapter's flag: an adapter
     trained on the 4-bit model, where bitsandbytes made those layers Linear4bit, says false."""
     from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_utils import set_zero3_state
     from transformers.pytorch_utils import Conv1D
 
     try:
-        with torch.device("meta"):
+        # set_zero3_state: no deepspeed.zero.Init for this skeleton. Under ZeRO-3 it is a collective, and only rank 0
+        # merges a child's parents (parent_merged): the other ranks would never join it (a hang, seen in the tests).
+        with set_zero3_state(), torch.device("meta"):
             model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(folder))
     except (ValueError, OSError, ImportError):  # no causal-LM class for it here: no Conv1D known either
         return set()
