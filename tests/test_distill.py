@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("distill")
-    train_tiny_stage("stage1_medical", root / "teacher", root / "teacher_data", max_steps=40, logging_steps=10)
+    train_tiny_stage("stage1_medical", root / "teacher", root / "teacher_data", max_steps=80, logging_steps=20)
     return root / "teacher"
 
 
@@ -132,7 +132,7 @@ def test_sequence_distillation_keeps_checked_answers_and_resumes(teacher, tmp_pa
     import train.models.teacher as teacher_module
     from train.methods.distill_sequence import ANSWERS, DATA_DIR
 
-    d = distill_recipe(teacher, tmp_path / "seq", mode="sequence", max_new_tokens=120, report_prompts=0)
+    d = distill_recipe(teacher, tmp_path / "seq", mode="sequence", max_new_tokens=160, report_prompts=0)
     record = run(d, max_steps=2)
     answers = (tmp_path / "seq" / ANSWERS).read_text().splitlines()
     manifest = json.loads((tmp_path / "seq" / DATA_DIR / "manifest.json").read_text())
