@@ -22,15 +22,42 @@ def machine() -> str:
     return f"cpu{os.cpu_count()}-{platform.machine()}"
 
 
+def _status_mb(pid: int | str, field: str) -> float | None:
+    """A memory line of /proc/<pid>/status (VmHWM, VmRSS) in MB, or None where there is no /proc."""
+    try:
+        lines = Path(f"/proc/{pid}/status").read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
 def peak_rss_mb() -> float:
     """This process's peak resident memory since its exec (VmHWM). getrusage's ru_maxrss also counts the
     parent's size from before the fork, so a benchmark parent holding its input would inflate each child."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+    peak = _status_mb("self", "VmHWM")
+    if peak is not None:
+        return peak
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def rss_mb(pid: int) -> float:
+    """Another process's resident memory now (VmRSS), e.g. a server the benchmark started."""
+    rss = _status_mb(pid, "VmRSS")
+    return float("nan") if rss is None else rss
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on (for a server or a launch's rendezvous)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_results(section: str, rows: list[dict], notes: str, results_dir: Path | None = None) -> Path:

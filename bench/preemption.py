@@ -18,7 +18,6 @@ import os
 import random
 import re
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -26,16 +25,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import write_results
+from bench.common import free_port, write_results
 from train.core.paths import REPO_ROOT
 
 RECIPE = "recipes/tiny/stage1_medical.yaml"
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _step_times(out: Path) -> list[float]:
@@ -50,7 +43,7 @@ def trial(root: Path, accumulation: int, rng: random.Random) -> dict:
     command = [
         sys.executable, "-m", "train", "supervise", "--",
         sys.executable, "-m", "accelerate.commands.launch", "--config_file", "accelerate_configs/ddp.yaml",
-        "--num_processes", "2", "--main_process_port", str(_port()), "-m", "train", "sft", RECIPE,
+        "--num_processes", "2", "--main_process_port", str(free_port()), "-m", "train", "sft", RECIPE,
         "training.max_steps=50", "training.logging_steps=1", "training.save_steps=1000",
         "training.per_device_train_batch_size=1", f"training.gradient_accumulation_steps={accumulation}",
         "data.max_length=256", f"data.processed_dir={root / 'data'}", f"output_dir={out}",

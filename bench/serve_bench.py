@@ -23,7 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import write_results
+from bench.common import free_port, rss_mb, write_results
+from train.serve.client import reasoning_of, wait_until_serving
 
 REPO = Path(__file__).resolve().parent.parent
 QUESTIONS = [
@@ -36,21 +37,6 @@ QUESTIONS = [
 ]
 
 
-def _rss_mb(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _percentile(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
@@ -58,8 +44,6 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 async def _client(client, model: str, index: int, deadline: float, max_tokens: int, stats: dict) -> None:
-    from train.serve.client import reasoning_of
-
     n = index
     while time.perf_counter() < deadline:
         question = QUESTIONS[n % len(QUESTIONS)]
@@ -111,24 +95,18 @@ def main(argv: list[str] | None = None) -> None:
     if not gguf.is_file():
         raise SystemExit(f"error: {gguf} not found: run `make demo` first (or pass --gguf FILE)")
 
-    port = _free_port()
+    port = free_port()
     cmd = [sys.executable, "-m", "train", "serve", str(gguf), "--port", str(port), "--name", "bench"]
     server = subprocess.Popen([*cmd, "--threads", str(args.threads)], cwd=REPO, env={**os.environ, "SERVE_API_KEY": ""})
     url = f"http://127.0.0.1:{port}"
     try:
-        import requests
-
-        for _ in range(240):
-            if server.poll() is not None:
-                raise SystemExit(f"error: the server exited with {server.returncode}")
-            try:
-                if requests.get(f"{url}/v1/models", timeout=2).ok:
-                    break
-            except requests.RequestException:
-                time.sleep(0.5)
-        rss_start = _rss_mb(server.pid)
+        try:
+            wait_until_serving(f"{url}/v1/models", server, timeout=120)
+        except (RuntimeError, TimeoutError) as err:
+            raise SystemExit(f"error: {err}") from None
+        rss_start = rss_mb(server.pid)
         stats = asyncio.run(_run(url, "bench", args.clients, args.seconds, args.max_tokens))
-        rss_end = _rss_mb(server.pid)
+        rss_end = rss_mb(server.pid)
     finally:
         server.terminate()
         server.wait(timeout=30)

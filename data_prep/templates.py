@@ -43,17 +43,23 @@ class Rendered:
         return [i % 2 for i, n in enumerate(self.mask_runs) for _ in range(n)]
 
 
-def render_completion(record: Record, prompt: str, empty_think: bool) -> str:
-    if record.reasoning is not None:
-        body = f"{THINK_OPEN}\n{record.reasoning}\n{THINK_CLOSE}\n{record.answer}"
-    elif empty_think:
-        body = f"{THINK_OPEN}\n\n{THINK_CLOSE}\n{record.answer}"
-    else:
-        body = record.answer
-    # R1's chat template already opens the think block in the generation prompt.
+def completion_body(answer: str, reasoning: str | None, empty_think: bool) -> str:
+    """What the model is trained to write: its think block (empty with empty_think when there is no reasoning),
+    then the answer."""
+    if reasoning is not None:
+        return f"{THINK_OPEN}\n{reasoning}\n{THINK_CLOSE}\n{answer}"
+    return f"{THINK_OPEN}\n\n{THINK_CLOSE}\n{answer}" if empty_think else answer
+
+
+def after_prompt(prompt: str, body: str) -> str:
+    """`body` as it continues `prompt`: R1's chat template already opens the think block in the generation prompt."""
     if prompt.endswith(f"{THINK_OPEN}\n") and body.startswith(f"{THINK_OPEN}\n"):
-        body = body[len(THINK_OPEN) + 1 :]
+        return body[len(THINK_OPEN) + 1 :]
     return body
+
+
+def render_completion(record: Record, prompt: str, empty_think: bool) -> str:
+    return after_prompt(prompt, completion_body(record.answer, record.reasoning, empty_think))
 
 
 def render_texts(records: list[Record], template: str, system_prompt: str, empty_think: bool, tokenizer):
@@ -119,11 +125,7 @@ def resolve_multi_turn(mode: str, template: str, chat_template: str, tokenizer) 
 def _assistant_text(turn: Turn, trained: bool, empty_think: bool) -> str:
     """An assistant turn as the model writes it (trained: with its think block) or as a client sends it back
     in the history (the answer alone)."""
-    if not trained:
-        return turn.content
-    if turn.reasoning is not None:
-        return f"{THINK_OPEN}\n{turn.reasoning}\n{THINK_CLOSE}\n{turn.content}"
-    return f"{THINK_OPEN}\n\n{THINK_CLOSE}\n{turn.content}" if empty_think else turn.content
+    return completion_body(turn.content, turn.reasoning, empty_think) if trained else turn.content
 
 
 def _messages(record: Record, system: str, template: str, trained: set[int], empty_think: bool) -> list[dict]:
@@ -178,9 +180,7 @@ def render_conversation(
     if record.train_last_only:
         messages = _messages(record, system, template, {len(turns) - 1}, empty_think)
         prompt = _render(tokenizer, chat_template, messages[:-1], True)
-        last = Record(record.source, record.row_id, "", turns[-1].content, turns[-1].reasoning)
-        completion = render_completion(last, prompt, empty_think)
-        return tokenize_pairs([prompt], [completion], tokenizer)[0]
+        return tokenize_pairs([prompt], [after_prompt(prompt, messages[-1]["content"])], tokenizer)[0]
     trained = {i for i, t in enumerate(turns) if t.role == "assistant"}
     pieces = _segments(tokenizer, chat_template, _messages(record, system, template, trained, empty_think))
     ids = tokenizer([text for text, _ in pieces], add_special_tokens=False, return_attention_mask=False)["input_ids"]

@@ -15,7 +15,7 @@ import time
 import pytest
 from conftest import REPO, _free_port, train_tiny_stage
 
-from train.serve.client import decoding_for, request_params
+from train.serve.client import decoding_for, request_params, wait_until_serving
 from train.serve.reasoning import ReasoningSplitter, split_reasoning
 
 QUESTION = "두통이 심하고 열이 나요. 어떻게 해야 하나요?"
@@ -96,21 +96,6 @@ def exported(tmp_path_factory):
     return root, gguf, report
 
 
-def _wait_for(url: str, proc: subprocess.Popen, headers: dict | None = None, timeout: float = 90) -> None:
-    import requests
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        assert proc.poll() is None, f"{proc.args} exited with {proc.returncode}"
-        try:
-            if requests.get(url, headers=headers, timeout=2).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {timeout} s")
-
-
 @pytest.fixture(scope="module")
 def server(exported):
     """`python -m train serve FILE` in its own process, with an API key from the environment."""
@@ -133,7 +118,7 @@ def server(exported):
     proc = subprocess.Popen(cmd, env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(f"{url}/v1/models", proc, headers={"Authorization": f"Bearer {API_KEY}"})
+        wait_until_serving(f"{url}/v1/models", proc, headers={"Authorization": f"Bearer {API_KEY}"})
         yield url
     finally:
         proc.terminate()
@@ -256,7 +241,7 @@ def test_vllm_serves_the_merged_folder_with_the_training_prompt(exported):
     proc = subprocess.Popen([*cmd, "--n-ctx", "2048"], env=env, cwd=REPO)
     url = f"http://127.0.0.1:{port}"
     try:
-        _wait_for(f"{url}/health", proc, timeout=300)
+        wait_until_serving(f"{url}/health", proc, timeout=300)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key=API_KEY, max_retries=0)
         messages = [{"role": "user", "content": QUESTION}]
         message = client.chat.completions.create(model="medical", messages=messages, max_tokens=48, temperature=0)
@@ -312,7 +297,7 @@ def test_chat_page_streams_a_korean_answer_in_a_real_browser(server, tmp_path):
     options.add_argument(f"--user-data-dir={tmp_path / 'chromium'}")
     browser = None
     try:
-        _wait_for(f"http://127.0.0.1:{port}/_stcore/health", page)
+        wait_until_serving(f"http://127.0.0.1:{port}/_stcore/health", page)
         browser = webdriver.Chrome(service=Service(driver_bin), options=options)
         browser.get(f"http://127.0.0.1:{port}")
         box = WebDriverWait(browser, 60).until(

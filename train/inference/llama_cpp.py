@@ -23,24 +23,27 @@ def import_llama_cpp():
     return llama_cpp
 
 
+def gguf_chat_formatter(llm):
+    """The GGUF's own chat template as llama-cpp-python renders it for a chat request (the formatter `Llama`
+    registers as `chat_template.default`, with the file's EOS and BOS texts), or None when the file has none."""
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    template = llm.metadata.get("tokenizer.chat_template")
+    if not template:
+        return None
+    eos, bos = llm.token_eos(), llm.token_bos()
+    text = llm._model.token_get_text  # noqa: SLF001 - llama-cpp-python's own way to name a token
+    return Jinja2ChatFormatter(template, eos_token=text(eos), bos_token=text(bos) if bos >= 0 else "")
+
+
 class LlamaCppGenerator:
     """llama.cpp on a GGUF file (the export extra): greedy or sampling; llama.cpp has no beam search."""
 
     def __init__(self, target: Target):
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
-
         self.llm = import_llama_cpp().Llama(
             str(target.path), n_ctx=4096, logits_all=True, verbose=False, n_threads=os.cpu_count() or 1
         )
-        meta = self.llm.metadata
-        template = meta.get("tokenizer.chat_template")
-        eos, bos = self.llm.token_eos(), self.llm.token_bos()
-        text = self.llm._model.token_get_text  # noqa: SLF001 - llama-cpp-python's own way to name a token
-        self.formatter = (
-            Jinja2ChatFormatter(template, eos_token=text(eos), bos_token=text(bos) if bos >= 0 else "")
-            if template
-            else None
-        )
+        self.formatter = gguf_chat_formatter(self.llm)
 
     def render(self, question: str) -> str:
         if self.formatter is None:

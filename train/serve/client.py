@@ -1,8 +1,12 @@
-"""The client side of `train serve`, shared by the chat page and the load benchmark: the eval's decoding
-settings as an OpenAI request, and a streamed answer read back as reasoning and content."""
+"""The client side of `train serve`, shared by the chat page, the load benchmark and the tests: the eval's
+decoding settings as an OpenAI request, a streamed answer read back as reasoning and content, and waiting for a
+server started in another process."""
 
 from __future__ import annotations
 
+import time
+import urllib.error
+import urllib.request
 from collections.abc import Iterator
 
 from train.core.config import DecodingConfig
@@ -81,3 +85,22 @@ def stream_answer(client, model: str, messages: list[dict], dec: DecodingConfig)
             yield "reasoning", reasoning
         if delta.content:
             yield "content", delta.content
+
+
+def wait_until_serving(url: str, process, headers: dict | None = None, timeout: float = 90.0) -> None:
+    """Poll `url` until it answers 200; fail at once when `process` (the server's Popen) has exited, or after
+    `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(
+                f"{' '.join(map(str, process.args))} exited with {process.returncode} before {url} answered"
+            )
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=2) as reply:
+                if reply.status == 200:
+                    return
+        except (urllib.error.URLError, OSError):  # not listening yet, or an error status while it starts
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(f"{url} did not answer within {timeout:.0f} s")

@@ -56,18 +56,12 @@ class ChatModel:
 
     def __init__(self, path: Path, name: str, n_ctx: int):
         import llama_cpp
-        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        from train.inference.llama_cpp import gguf_chat_formatter
 
         vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
         self.name, self.n_ctx = name, n_ctx
-        self.template = vocab.metadata.get("tokenizer.chat_template")
-        eos, bos = vocab.token_eos(), vocab.token_bos()
-        text = vocab._model.token_get_text  # noqa: SLF001 - how llama-cpp-python itself names a token
-        self.formatter = (
-            Jinja2ChatFormatter(self.template, eos_token=text(eos), bos_token=text(bos) if bos >= 0 else "")
-            if self.template
-            else None
-        )
+        self.formatter = gguf_chat_formatter(vocab)
         self._tokenize = partial(vocab.tokenize, add_bos=False, special=True)
         # A reasoning model: </think> is one token of its vocabulary, or its generation prompt opens a block.
         self.opens_think = bool(self.formatter) and self.render([{"role": "user", "content": "?"}]).rstrip().endswith(
@@ -139,7 +133,7 @@ def build_app(gguf: Path, name: str, n_ctx: int = 4096, threads: int | None = No
         model_alias=name,
         n_ctx=n_ctx,
         n_threads=threads or os.cpu_count() or 1,
-        chat_format="chat_template.default" if model.template else None,
+        chat_format="chat_template.default" if model.formatter else None,
         verbose=False,
     )
     app = server_app.create_app(
