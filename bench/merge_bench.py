@@ -38,9 +38,11 @@ CHILD = {
 import sys, time
 from bench.common import peak_rss_mb
 from train.core.config import ModelConfig
+from pathlib import Path
+from train.models.lineage import Chain
 from train.models.loading import load_merged_16bit
 t = time.perf_counter()
-model = load_merged_16bit(sys.argv[1], [sys.argv[2]], ModelConfig(name_or_path=sys.argv[1], dtype="bfloat16"))
+model = load_merged_16bit(Chain(sys.argv[1], [Path(sys.argv[2])]), ModelConfig(name_or_path=sys.argv[1], dtype="bfloat16"))
 model.save_pretrained(sys.argv[3], safe_serialization=True, max_shard_size="5GB")
 print(time.perf_counter() - t, peak_rss_mb())
 """,

@@ -95,7 +95,7 @@ def test_a_failed_adapter_save_keeps_the_earlier_adapter(tmp_path):
     import errno
     from types import SimpleNamespace
 
-    from train.methods.runner import save_adapter
+    from train.methods.runner import save_weights
 
     earlier = tmp_path / "adapter"
     earlier.mkdir()
@@ -112,7 +112,7 @@ def test_a_failed_adapter_save_keeps_the_earlier_adapter(tmp_path):
         save_model=full_disk,
     )
     with pytest.raises(OSError, match="No space left"):
-        save_adapter(trainer, tmp_path, tokenizer=None)
+        save_weights(trainer, tmp_path, tokenizer=None, full=False)
     assert (earlier / "adapter_model.safetensors").read_bytes() == b"earlier weights"
 
     def fine(folder):
@@ -120,6 +120,6 @@ def test_a_failed_adapter_save_keeps_the_earlier_adapter(tmp_path):
         (Path(folder) / "adapter_model.safetensors").write_bytes(b"new weights")
 
     trainer.save_model = fine
-    save_adapter(trainer, tmp_path, tokenizer=SimpleNamespace(save_pretrained=lambda folder: None))
+    save_weights(trainer, tmp_path, tokenizer=SimpleNamespace(save_pretrained=lambda folder: None), full=False)
     assert (earlier / "adapter_model.safetensors").read_bytes() == b"new weights"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]

@@ -285,22 +285,21 @@ def test_a_damaged_last_line_in_metrics_log_does_not_break_resume(tmp_path):
 def test_parent_merged_is_merged_again_when_the_parent_changes(tmp_path):
     from conftest import recipe_dict, train_tiny_stage
 
-    from train.models.lineage import adapter_chain
-    from train.models.loading import PARENT_CHAIN, parent_merged_dir
+    from train.models.loading import PARENT_CHAIN, parent_chain, parent_merged_dir
 
     train_tiny_stage("stage1_medical", tmp_path / "parent", tmp_path / "data1", max_steps=2)
     child = recipe_dict("stage2_korean")
     child.update(output_dir=str(tmp_path / "child"), parent=str(tmp_path / "parent"))
     child["model"]["quantization"] = "nf4"
     recipe = make_recipe(child)
-    merged = Path(parent_merged_dir(recipe, adapter_chain(recipe.parent)))
+    merged = Path(parent_merged_dir(recipe, parent_chain(recipe)))
     first = json.loads((merged / PARENT_CHAIN).read_text())["fingerprint"]
     weights = (merged / "model.safetensors").stat().st_mtime_ns
-    parent_merged_dir(recipe, adapter_chain(recipe.parent))
+    parent_merged_dir(recipe, parent_chain(recipe))
     assert (merged / "model.safetensors").stat().st_mtime_ns == weights  # same chain: reused
     train_tiny_stage(
         "stage1_medical", tmp_path / "parent", tmp_path / "data1", max_steps=2, seed=7, overwrite=True
     )  # retrained
-    parent_merged_dir(recipe, adapter_chain(recipe.parent))
+    parent_merged_dir(recipe, parent_chain(recipe))
     assert json.loads((merged / PARENT_CHAIN).read_text())["fingerprint"] != first
     assert (merged / "model.safetensors").stat().st_mtime_ns != weights

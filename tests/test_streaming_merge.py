@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from train.core.config import TINY_MODEL, ModelConfig
 from train.export.merge import merge_stage
-from train.models.lineage import adapter_chain
+from train.models.lineage import Chain, adapter_chain
 from train.models.loading import load_merged_16bit, resolve_model_path
 from train.models.merging import INDEX, stream_merge
 
@@ -42,7 +42,7 @@ def _tensors(folder: Path) -> dict[str, torch.Tensor]:
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_streaming_equals_the_in_memory_merge_bit_for_bit(chains, tmp_path, child, dtype):
     chain = [*adapter_chain(str(chains / "s1")), chains / child / "adapter"]
-    in_memory = load_merged_16bit(TINY_MODEL, chain, ModelConfig(name_or_path=TINY_MODEL, dtype=dtype))
+    in_memory = load_merged_16bit(Chain(TINY_MODEL, chain), ModelConfig(name_or_path=TINY_MODEL, dtype=dtype))
     in_memory.save_pretrained(tmp_path / "in_memory")
     stats = stream_merge(resolve_model_path(TINY_MODEL), chain, tmp_path / "streamed", dtype, max_shard_bytes=2**21)
     a, b = _tensors(tmp_path / "in_memory"), _tensors(tmp_path / "streamed")

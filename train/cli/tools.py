@@ -49,7 +49,9 @@ def _pick_strategy(args) -> None:
             "no GPU visible to read its memory from; pass --gpu-memory-gb (e.g. 24 for a 4090, 80 for H100)"
         )
     config = load_model_config(recipe.model)
-    strategy, why = pick_strategy(parameter_count(config), recipe.model.quantization, args.gpus, memory)
+    strategy, why = pick_strategy(
+        parameter_count(config), recipe.model.quantization, args.gpus, memory, full=recipe.full_finetune
+    )
     if not args.sequence_parallel:
         sys.stderr.write(f"STRATEGY=auto -> {strategy}: {why}\n")
         sys.stdout.write(("ddp" if strategy == "single" else strategy) + "\n")
@@ -58,7 +60,13 @@ def _pick_strategy(args) -> None:
 
     tokens = recipe.data.max_length * recipe.training.per_device_train_batch_size  # packed rows of max_length
     n, why = pick_sequence_parallel(
-        config, recipe.model.quantization, args.strategy or strategy, args.gpus, memory, tokens, recipe.lora.r
+        config,
+        recipe.model.quantization,
+        args.strategy or strategy,
+        args.gpus,
+        memory,
+        tokens,
+        None if recipe.full_finetune else recipe.lora.r,
     )
     if n is None:
         raise UserError(f"SP=auto: {why}")

@@ -661,7 +661,13 @@ class Recipe:
         default="transformers", metadata={"help": "'unsloth' = single-GPU Unsloth path (4090 development)."}
     )
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "Base model and how to load it."})
-    lora: LoraConfig = field(default_factory=LoraConfig, metadata={"help": "LoRA adapter."})
+    lora: LoraConfig | Literal["none"] = field(
+        default_factory=LoraConfig,
+        metadata={
+            "help": "LoRA adapter; 'none' = full fine-tuning: every weight trains (model.quantization: none), the "
+            "stage saves a whole model in model/ instead of adapter/, and later stages start from it."
+        },
+    )
     data: DataConfig = field(default_factory=DataConfig, metadata={"help": "Sources, template and length policy."})
     training: TrainingConfig = field(default_factory=TrainingConfig, metadata={"help": "Optimisation settings."})
     eval: EvalConfig = field(default_factory=EvalConfig, metadata={"help": "Task evaluation (python -m train eval)."})
@@ -669,6 +675,11 @@ class Recipe:
         default_factory=PreferenceConfig, metadata={"help": "reward / dpo / grpo settings."}
     )
     distill: DistillConfig = field(default_factory=DistillConfig, metadata={"help": "distill settings."})
+
+    @property
+    def full_finetune(self) -> bool:
+        """`lora: none`: all weights train and the stage's output is a model folder, not an adapter."""
+        return self.lora == "none"
 
     # Filled by load_recipe: where the recipe came from (not a YAML key).
     source_path: str | None = field(default=None, repr=False, metadata={"internal": True})
@@ -739,7 +750,9 @@ def validate_recipe(recipe: Recipe) -> None:
             f"{origin}: preference.rewards lists reward_model but preference.reward_model is not set; "
             "give the output_dir of a reward stage"
         )
-    if recipe.backend == "unsloth" and recipe.lora.use_dora:
+    if recipe.full_finetune:
+        _check_full_finetune(recipe, origin)
+    elif recipe.backend == "unsloth" and recipe.lora.use_dora:
         raise UserError(f"{origin}: lora.use_dora runs on backend transformers (Unsloth's fast LoRA path has no DoRA)")
     if recipe.method != "sft" and recipe.backend != "transformers":
         raise UserError(f"{origin}: method '{recipe.method}' runs on backend transformers only")
@@ -767,3 +780,16 @@ def validate_recipe(recipe: Recipe) -> None:
         raise UserError(f"{origin}: backend 'unsloth' brings its own kernels; set model.use_liger: false")
     if recipe.parent is not None and Path(recipe.parent).resolve() == Path(recipe.output_dir).resolve():
         raise UserError(f"{origin}: parent and output_dir are the same folder; give this stage its own output_dir")
+
+
+def _check_full_finetune(recipe: Recipe, origin: str) -> None:
+    """`lora: none` trains the weights themselves, so they must be trainable 16/32-bit tensors."""
+    if recipe.model.quantization != "none":
+        raise UserError(
+            f"{origin}: lora: none trains every weight, and {recipe.model.quantization} weights cannot be trained; "
+            "set model.quantization: none (full fine-tuning in bf16/fp32), or keep a lora section (QLoRA)"
+        )
+    if recipe.backend != "transformers":
+        raise UserError(
+            f"{origin}: lora: none (full fine-tuning) runs on backend transformers; set backend: transformers"
+        )

@@ -45,7 +45,10 @@ def _coerce(value: Any, tp: Any, where: str, origin_file: str) -> Any:
                 return _coerce(value, arg, where, origin_file)
             except UserError as err:
                 errors.append(str(err))
-        raise UserError(errors[0] if errors else f"{origin_file}: '{where}' must not be null")
+        if not errors:
+            raise UserError(f"{origin_file}: '{where}' must not be null")
+        # `lora: {...} | 'none'`: a mapping is meant as the section (its own error), a word as the choice.
+        raise UserError(errors[0] if isinstance(value, dict) else errors[-1])
     if origin is Literal:
         if value not in args:
             allowed = ", ".join(repr(a) for a in args)

@@ -65,8 +65,12 @@ def _stage_section(stage_dir: Path) -> str:
         f"- data: {sources}; template `{data.get('template')}`; fingerprint `{info['data'].get('fingerprint')}`;"
         f" {info['data'].get('train_rows')} train / {info['data'].get('eval_rows')} eval rows"
         + (f"; counts {json.dumps(counts, ensure_ascii=False)}" if counts else ""),
-        f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
-        f"targets {', '.join(lora.get('target_modules', []))}; quantization {info.get('quantization')}",
+        (
+            f"- full fine-tuning (every weight trained) in {recipe.get('model', {}).get('dtype')}"
+            if lora == "none"
+            else f"- LoRA: r={lora.get('r')}, alpha={lora.get('alpha')}, dropout={lora.get('dropout')}, "
+            f"targets {', '.join(lora.get('target_modules', []))}; quantization {info.get('quantization')}"
+        ),
         f"- training: lr {training.get('learning_rate')} ({training.get('lr_scheduler_type')}), "
         f"epochs {training.get('num_train_epochs')}, micro-batch {training.get('per_device_train_batch_size')} x "
         f"accumulation {training.get('gradient_accumulation_steps')} x {metrics.get('world_size', 1)} processes, "
@@ -91,7 +95,8 @@ def write_model_card(
         "license": license_id,
         "base_model": base,
         "language": ["ko", "en"],
-        "tags": ["medical", "reasoning", "lora", "merged"] + (["gguf"] if gguf_files else []),
+        "tags": ["medical", "reasoning", "full-finetune" if last.get("finetune") == "full" else "lora", "merged"]
+        + (["gguf"] if gguf_files else []),
         "library_name": "gguf" if gguf_files else "transformers",
     }
     title = f"{last['stage']} ({'GGUF' if gguf_files else 'merged 16-bit'})"
@@ -123,7 +128,8 @@ def write_model_card(
             "",
             f"# {title}",
             "",
-            f"Base model: `{base}`. Stages, oldest first, each merged in order into the base's 16-bit weights:",
+            f"Base model: `{base}`. Stages, oldest first, each merged in order into the base's 16-bit weights "
+            "(a full fine-tuning stage replaces them):",
             "",
             *[_stage_section(d) + "\n" for d in lineage],
             "## Checks run when this was written",

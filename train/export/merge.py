@@ -1,4 +1,5 @@
-"""Merge a stage's LoRA (after every ancestor's) into 16-bit weights, checked against base + adapter.
+"""Merge a stage's LoRA (after every ancestor's) into 16-bit weights, checked against base + adapter; a full
+fine-tuning stage (lora: none) has nothing to merge: its model is copied in the merge dtype and checked.
 
     python -m train merge outputs/stage2_korean --out outputs/stage2_korean/merged
     make merge STAGE=outputs/stage2_korean
@@ -24,9 +25,9 @@ from train.core.log import get_logger
 from train.export.cards import write_model_card
 from train.export.parity import PARITY_TEXTS, compare_logits, text_logits
 from train.inference.targets import stage_recipe
-from train.models.lineage import ADAPTER_DIR, adapter_chain, read_stage, stage_lineage
+from train.models.lineage import is_full_stage, read_stage, resolve_chain, stage_chain, stage_lineage, stage_weights
 from train.models.loading import load_merged_16bit, resolve_model_path, torch_dtype
-from train.models.merging import stream_merge
+from train.models.merging import check_copy, stream_merge
 
 log = get_logger("merge")
 
@@ -56,9 +57,9 @@ def _dequantized_base(stage_dir: Path, info: dict, recipe, dtype: str, source: s
 
     from train.models.loading import quantization_config
 
-    parents = adapter_chain(info.get("parent"))
+    parents = resolve_chain(info.get("parent"), info["base_model"], recipe.model.revision)
     model_cfg = replace(recipe.model, dtype=dtype)
-    if parents:  # a quantized child trained on its parents merged in 16-bit, then quantized at load
+    if parents.adapters:  # a quantized child trained on its parents merged in 16-bit, then quantized at load
         source = str(stage_dir / "parent_merged")
         if not (Path(source) / "config.json").is_file():
             raise UserError(f"--dequantize needs {source} (written when the stage trained); it is missing")
@@ -92,7 +93,7 @@ def _merge_in_memory(stage_dir, info, recipe, adapter, tokenizer, texts, dtype, 
     return merged, compare_logits(with_adapter, merged_logits), compare_logits(without_adapter, merged_logits)
 
 
-def _check_streamed(tmp: Path, stage_dir, info, recipe, adapter, tokenizer, texts, dtype, streamed: dict):
+def _check_streamed(tmp: Path, chain, recipe, tokenizer, texts, dtype, streamed: dict):
     """(parity, effect, mode). Where two passes over the model fit in free memory: the logits of base +
     adapter (PEFT, unmerged), then of the written files, one model at a time. Where they do not (a 32B
     on a small host): the merged tensors of a sample of targeted weights recomputed in float64 from the
@@ -102,9 +103,9 @@ def _check_streamed(tmp: Path, stage_dir, info, recipe, adapter, tokenizer, text
     from transformers import AutoModelForCausalLM
 
     if streamed["bytes"] * 1.5 < psutil.virtual_memory().available:
-        parents = adapter_chain(info.get("parent"))
-        base = load_merged_16bit(info["base_model"], parents, replace(recipe.model, dtype=dtype))
-        model = PeftModel.from_pretrained(base, str(adapter)).eval()
+        parents = replace(chain, adapters=chain.adapters[:-1])
+        base = load_merged_16bit(parents, replace(recipe.model, dtype=dtype))
+        model = PeftModel.from_pretrained(base, str(chain.adapters[-1])).eval()
         with_adapter, without_adapter = _adapter_logits(model, tokenizer, texts)
         del model, base
         merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype(dtype), low_cpu_mem_usage=True).eval()
@@ -114,9 +115,7 @@ def _check_streamed(tmp: Path, stage_dir, info, recipe, adapter, tokenizer, text
         return parity, effect, "logits of base + adapter vs the written files"
     from train.models.merging import check_sample
 
-    parity, effect = check_sample(
-        resolve_model_path(info["base_model"]), [*adapter_chain(info.get("parent")), adapter], tmp, dtype
-    )
+    parity, effect = check_sample(resolve_model_path(chain.base), chain.adapters, tmp, dtype)
     log.warning(
         "the model does not fit twice in free memory: checked %d merged tensors instead of logits", parity["checked"]
     )
@@ -124,6 +123,39 @@ def _check_streamed(tmp: Path, stage_dir, info, recipe, adapter, tokenizer, text
         parity,
         effect,
         f"{parity['checked']} sampled merged tensors recomputed in float64 (the model does not fit in memory)",
+    )
+
+
+def _check_full_copy(tmp: Path, source: Path, info, recipe, tokenizer, texts, dtype, streamed: dict):
+    """(parity, effect, mode) of a full fine-tuning stage's copy: every written tensor equals the trained one cast to
+    `dtype` (always, tensor by tensor); where the model fits twice in free memory, also the logits of the trained
+    model against the written files (parity) and of the model the stage started from (effect)."""
+    import psutil
+    from transformers import AutoModelForCausalLM
+
+    copied = check_copy(source, tmp, dtype)
+    if copied["max_abs_diff"] != 0.0:
+        return copied, {"max_abs_diff": None}, "every tensor against the trained one cast to the merge dtype"
+    if streamed["bytes"] * 1.5 >= psutil.virtual_memory().available:
+        log.warning("the model does not fit twice in free memory: checked its tensors, not its logits")
+        return copied, {"max_abs_diff": None}, f"{copied['checked']} tensors equal to the trained ones cast to {dtype}"
+    trained = AutoModelForCausalLM.from_pretrained(source, dtype="auto", low_cpu_mem_usage=True).eval()
+    trained_logits = text_logits(trained, tokenizer, texts)
+    del trained
+    merged = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch_dtype(dtype), low_cpu_mem_usage=True).eval()
+    merged_logits = text_logits(merged, tokenizer, texts)
+    del merged
+    start = load_merged_16bit(
+        resolve_chain(info.get("parent"), info["base_model"], recipe.model.revision), replace(recipe.model, dtype=dtype)
+    ).eval()
+    start_logits = text_logits(start, tokenizer, texts)
+    del start
+    parity = {**compare_logits(trained_logits, merged_logits), "tensors_checked": copied["checked"]}
+    return (
+        parity,
+        compare_logits(start_logits, merged_logits),
+        f"logits of the trained model vs the written files; {copied['checked']} tensors equal to the trained ones "
+        f"cast to {dtype}",
     )
 
 
@@ -171,23 +203,29 @@ def merge_stage(
         if not best_file.is_file():
             raise UserError(f"--adapter best: no {best_file}; run `python -m train eval {stage_dir} --checkpoints`")
         adapter = json.loads(best_file.read_text(encoding="utf-8"))["adapter"]
-    adapter = Path(adapter) if adapter else stage_dir / ADAPTER_DIR
-    if not (adapter / "adapter_config.json").is_file():
-        raise UserError(f"no LoRA adapter in {adapter} (adapter_config.json missing); train the stage first")
+    full = is_full_stage(stage_dir)
+    adapter = Path(adapter).resolve() if adapter else stage_weights(stage_dir)
+    chain = stage_chain(stage_dir, adapter)  # refuses a folder without the stage's kind of weights
     if dtype not in MERGE_TOLERANCE:
         raise UserError(f"--dtype {dtype}: choose one of {', '.join(MERGE_TOLERANCE)}")
+    if full and dequantize:
+        raise UserError(f"--dequantize: {stage_dir} is a full fine-tuning stage (lora: none); it has no 4-bit weights")
     check_output_dir(out, MERGE_REPORT, stage_dir)
     claim_tmp(out, MERGE_REPORT)
-    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / ADAPTER_DIR))
+    tokenizer = AutoTokenizer.from_pretrained(str(stage_weights(stage_dir)))
     if recipe.data.template == "reasoning":  # chat front ends must prompt the way this stage trained
         tokenizer.chat_template = reasoning_chat_template(recipe.data.system_prompt)
 
     texts = held_out_texts(stage_dir)
     tolerance = MERGE_TOLERANCE[dtype]
-    source = resolve_model_path(info["base_model"])
-    prequantized = getattr(AutoConfig.from_pretrained(source), "quantization_config", None) is not None
+    source = resolve_model_path(chain.base)
+    prequantized = not full and getattr(AutoConfig.from_pretrained(source), "quantization_config", None) is not None
     tmp = fresh_tmp(out, MERGE_REPORT)
-    if dequantize or prequantized:  # 4-bit weights are dequantized by bitsandbytes, in memory
+    if full:  # nothing to merge: the model in the merge dtype, tensor by tensor, then checked
+        streamed = stream_merge(source, [], tmp, dtype, _bytes(max_shard_size))
+        _set_generation_tokens(tmp, tokenizer)
+        parity, effect, mode = _check_full_copy(tmp, Path(source), info, recipe, tokenizer, texts, dtype, streamed)
+    elif dequantize or prequantized:  # 4-bit weights are dequantized by bitsandbytes, in memory
         merged, parity, effect = _merge_in_memory(
             stage_dir, info, recipe, adapter, tokenizer, texts, dtype, source, prequantized
         )
@@ -196,15 +234,15 @@ def merge_stage(
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         mode, streamed = "logits, in memory", None
     else:
-        chain = [*adapter_chain(info.get("parent")), adapter]
-        streamed = stream_merge(source, chain, tmp, dtype, _bytes(max_shard_size), recipe.model.revision)
+        streamed = stream_merge(source, chain.adapters, tmp, dtype, _bytes(max_shard_size), chain.revision)
         _set_generation_tokens(tmp, tokenizer)
-        parity, effect, mode = _check_streamed(tmp, stage_dir, info, recipe, adapter, tokenizer, texts, dtype, streamed)
+        parity, effect, mode = _check_streamed(tmp, chain, recipe, tokenizer, texts, dtype, streamed)
     report = {
         "stage": str(stage_dir),
         "adapter": str(adapter),
         "dtype": dtype,
         "dequantized_base": dequantize,
+        "finetune": "full" if full else "lora",
         "merge": "in memory" if streamed is None else "streaming, tensor by tensor",
         "parity_check": mode,
         "chat_template": recipe.data.template,
@@ -217,12 +255,12 @@ def merge_stage(
     if parity["relative_diff"] > tolerance:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(
-            f"merged model disagrees with base + adapter: max logit diff {parity['max_abs_diff']} "
+            f"merged model disagrees with {'the trained model' if full else 'base + adapter'}: max logit diff {parity['max_abs_diff']} "
             f"({parity['relative_diff']:.2%} of the largest logit, tolerance {tolerance:.2%}); "
             "nothing was written"
         )
     if effect["max_abs_diff"] == 0.0:
-        log.warning("the adapter changes nothing (max logit diff 0 with and without it): was it trained?")
+        log.warning("training changed nothing (max logit diff 0 against the starting model): was it trained?")
 
     tokenizer.save_pretrained(tmp)
     report["files"] = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.name != TMP_MARKER}

@@ -6,17 +6,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from train.core.config import DecodingConfig
-from train.core.errors import UserError
 from train.core.formats import render_prompt
 from train.inference.targets import Target, stage_recipe
-from train.models.lineage import ADAPTER_DIR, adapter_chain, read_stage
+from train.models.lineage import read_stage, stage_chain, stage_weights
 from train.models.loading import load_merged_16bit
 
 
 def load_stage_model(stage_dir: str | Path, adapter: str | Path | None = None, trust_remote_code: bool = False):
-    """(model, tokenizer, recipe) of a finished stage, adapters merged into the 16-bit base.
+    """(model, tokenizer, recipe) of a finished stage, adapters merged into the 16-bit base (or its own model/).
 
-    `adapter` replaces the stage's final adapter (e.g. one of its checkpoints); ancestors stay. A stored
+    `adapter` replaces the stage's final weights (one of its checkpoints: an adapter, or a model folder for a full
+    fine-tuning stage); ancestors stay. A stored
     recipe with model.trust_remote_code is refused unless `trust_remote_code` (the user's --trust-remote-code).
     """
     from transformers import AutoTokenizer
@@ -24,11 +24,8 @@ def load_stage_model(stage_dir: str | Path, adapter: str | Path | None = None, t
     stage_dir = Path(stage_dir)
     info = read_stage(stage_dir)
     recipe = stage_recipe(stage_dir, info, trust_remote_code)
-    own = Path(adapter) if adapter else stage_dir / ADAPTER_DIR
-    if not (own / "adapter_config.json").is_file():
-        raise UserError(f"{own} holds no trained adapter (adapter_config.json missing)")
-    model = load_merged_16bit(info["base_model"], adapter_chain(info.get("parent")) + [own], recipe.model)
-    tokenizer = AutoTokenizer.from_pretrained(str(stage_dir / ADAPTER_DIR))
+    model = load_merged_16bit(stage_chain(stage_dir, adapter), recipe.model)
+    tokenizer = AutoTokenizer.from_pretrained(str(stage_weights(stage_dir)))
     model.eval()
     return model, tokenizer, recipe
 

@@ -1,4 +1,5 @@
-"""What can be generated from or evaluated: a stage folder (base + its adapter chain), one of a
+"""What can be generated from or evaluated: a stage folder (base + its adapter chain, or a full fine-tuning
+stage's model), one of a
 stage's checkpoints, a merged model folder, or a GGUF file."""
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ from pathlib import Path
 
 from train.core.config import Recipe, recipe_from_dict
 from train.core.errors import UserError
-from train.models.lineage import ADAPTER_DIR, read_stage
+from train.models.lineage import is_full_stage, read_stage, stage_weights
 
 TRUST_REMOTE_CODE_FLAG = "--trust-remote-code"
 
@@ -51,14 +52,17 @@ def resolve_targets(specs: list[str], checkpoints: bool, trust_remote_code: bool
             stage_recipe(path, trust_remote_code=trust_remote_code)
             trust = {"trust_remote_code": trust_remote_code}
             if checkpoints:  # earliest first: a tie goes to the earlier checkpoint
+                # A LoRA stage's checkpoints hold its adapter; a full fine-tuning stage's hold the model (except
+                # under FSDP, whose checkpoints keep only the sharded state for resuming).
+                marker = "config.json" if is_full_stage(path) else "adapter_config.json"
                 ckpts = sorted(
-                    (p for p in path.glob("checkpoint-*") if (p / "adapter_config.json").is_file()),
+                    (p for p in path.glob("checkpoint-*") if (p / marker).is_file()),
                     key=lambda p: int(p.name.split("-")[1]),
                 )
                 if not ckpts:
-                    raise UserError(f"--checkpoints: {path} has no checkpoint-N folders with an adapter")
+                    raise UserError(f"--checkpoints: {path} has no checkpoint-N folders with weights ({marker})")
                 targets.extend(Target(f"{path.name}/{c.name}", "stage", path, c, **trust) for c in ckpts)
-                targets.append(Target(f"{path.name} (final)", "stage", path, path / ADAPTER_DIR, **trust))
+                targets.append(Target(f"{path.name} (final)", "stage", path, stage_weights(path), **trust))
             else:
                 targets.append(Target(path.name, "stage", path, **trust))
         elif (path / "config.json").is_file():

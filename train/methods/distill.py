@@ -28,7 +28,7 @@ from train.methods.launch import Launch
 from train.methods.runner import Method, StageData, run_stage
 from train.methods.sft import trainer_inputs
 from train.methods.trainers import StageSFTTrainer
-from train.models.lineage import adapter_chain
+from train.models.lineage import adapter_chain, stage_lineage
 from train.models.teacher import check_same_tokenizer, is_stage, load_teacher, teacher_identity
 
 log = get_logger("distill")
@@ -39,7 +39,7 @@ CACHE_DIR = "teacher_cache"
 def teacher_record(recipe: Recipe) -> dict:
     """What stage.json says of the teacher: where, its lineage, an identity that changes with its weights."""
     teacher = recipe.distill.teacher
-    chain = [str(a.parent) for a in adapter_chain(teacher)] if is_stage(teacher) else []
+    chain = [str(p) for p in stage_lineage(teacher)] if is_stage(teacher) else []
     settings = dataclasses.asdict(recipe.distill)
     return {"teacher": teacher, "teacher_chain": chain, "teacher_identity": teacher_identity(teacher), **settings}
 

@@ -18,6 +18,9 @@ from train.core.errors import UserError
 BYTES_PER_PARAM = {"nf4": 0.52, "int8": 1.0, "none": 2.0}
 # Room for activations (checkpointed), LoRA, optimizer state and the CUDA context, per GPU.
 HEADROOM = 1.35
+# Full fine-tuning (lora: none) keeps, per weight, beside the 16-bit weight: its 16-bit gradient, an fp32 master
+# copy and Adam's two fp32 moments (mixed precision as the Trainer and DeepSpeed run it).
+FULL_TRAINING_STATE_BYTES = 2 + 4 + 8
 
 
 @dataclass
@@ -297,14 +300,20 @@ def parameter_count(config) -> tuple[int, int]:
     return config.num_hidden_layers * per_layer, embed + h
 
 
-def pick_strategy(params: tuple[int, int], quantization: str, gpus: int, gpu_memory_gb: float) -> tuple[str, str]:
-    """(strategy, why) for a model of `params` (decoder, embeddings) on `gpus` GPUs of `gpu_memory_gb` each."""
+def pick_strategy(
+    params: tuple[int, int], quantization: str, gpus: int, gpu_memory_gb: float, full: bool = False
+) -> tuple[str, str]:
+    """(strategy, why) for a model of `params` (decoder, embeddings) on `gpus` GPUs of `gpu_memory_gb` each;
+    `full`: full fine-tuning, whose gradients and optimizer state cover every weight."""
     decoder, embed = params
     # bitsandbytes quantizes the decoder's linear layers; embeddings and head stay 16-bit.
     weights_gb = (decoder * BYTES_PER_PARAM[quantization] + embed * 2) / 1e9
+    state = " and full fine-tuning state" if full else ""
+    if full:
+        weights_gb += (decoder + embed) * FULL_TRAINING_STATE_BYTES / 1e9
     need_gb = weights_gb * HEADROOM
     summary = (
-        f"{(decoder + embed) / 1e9:.1f}B parameters in {quantization} are ~{weights_gb:.1f} GB of weights, "
+        f"{(decoder + embed) / 1e9:.1f}B parameters in {quantization} are ~{weights_gb:.1f} GB of weights{state}, "
         f"~{need_gb:.1f} GB with activations and optimizer headroom; each GPU has {gpu_memory_gb:.0f} GB"
     )
     if need_gb <= gpu_memory_gb:

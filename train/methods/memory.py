@@ -17,7 +17,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from train.methods.launch import BYTES_PER_PARAM, heads_split, intermediate_size, kv_dim, linear_shapes, parameter_count
+from train.methods.launch import (
+    BYTES_PER_PARAM,
+    FULL_TRAINING_STATE_BYTES,
+    heads_split,
+    intermediate_size,
+    kv_dim,
+    linear_shapes,
+    parameter_count,
+)
 
 # bytes per token per decoder layer = per_hidden * hidden + per_intermediate * intermediate + per_kv_dim * kv_dim
 # + constant (bench/results/2026-11-30-cpu2-x86_64.md, "activation bytes per token per layer (bf16, LoRA r=16)":
@@ -57,10 +65,14 @@ def lora_parameters(config, rank: int) -> int:
     return config.num_hidden_layers * sum(rank * (i + o) for i, o in linear_shapes(config).values())
 
 
-def weights_gb_per_gpu(config, quantization: str, strategy: str, gpus: int, lora_rank: int = 16) -> float:
+def weights_gb_per_gpu(config, quantization: str, strategy: str, gpus: int, lora_rank: int | None = 16) -> float:
+    """Weights and training state per GPU; `lora_rank=None`: full fine-tuning (every weight trains)."""
     decoder, embed = parameter_count(config)
     base = decoder * BYTES_PER_PARAM[quantization] + embed * 2
-    lora = lora_parameters(config, lora_rank) * 16  # fp32 weight + gradient + two Adam moments
+    if lora_rank is None:
+        lora = (decoder + embed) * FULL_TRAINING_STATE_BYTES
+    else:
+        lora = lora_parameters(config, lora_rank) * 16  # fp32 weight + gradient + two Adam moments
     if strategy in SHARDED:
         layer = decoder / config.num_hidden_layers * 2  # one layer gathered (16-bit) while it runs
         return (base / gpus + lora / gpus + layer) / 1e9

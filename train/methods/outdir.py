@@ -66,12 +66,12 @@ def foreign_checkpoints(recipe: Recipe, out: Path) -> list[Path]:
 
 
 def _another_stage(recipe: Recipe, out: Path) -> str | None:
-    from train.models.lineage import adapter_chain
+    from train.models.lineage import stage_lineage
 
     here = out.resolve()
-    for adapter in adapter_chain(recipe.parent):
-        if adapter.parent.resolve() == here:
-            return f"it is the folder of the ancestor stage {adapter.parent}"
+    for ancestor in stage_lineage(recipe.parent) if recipe.parent else []:
+        if ancestor == here:
+            return f"it is the folder of the ancestor stage {ancestor}"
     stage_json = out / "stage.json"
     if stage_json.is_file():
         try:
@@ -90,7 +90,7 @@ def claim(recipe: Recipe, out: Path, resume: str | None, overwrite: bool, move: 
     why = _another_stage(recipe, out)
     if why:
         raise UserError(
-            f"output_dir {out} belongs to another stage: {why}; training here would replace its adapter. "
+            f"output_dir {out} belongs to another stage: {why}; training here would replace its weights. "
             f"Set output_dir to a folder of its own"
         )
     if recipe.training.resume_from_checkpoint == "auto":
@@ -103,7 +103,9 @@ def claim(recipe: Recipe, out: Path, resume: str | None, overwrite: bool, move: 
             )
     if resume is not None:
         return
-    earlier = [p.name for p in _checkpoints(out)] + [n for n in ("adapter", "stage.json") if (out / n).exists()]
+    earlier = [p.name for p in _checkpoints(out)] + [
+        n for n in ("adapter", "model", "stage.json") if (out / n).exists()
+    ]
     if not earlier:
         return
     if not overwrite:

@@ -30,14 +30,13 @@ from train.methods.trainers import (
     StageRewardTrainer,
     build_sft_config,
 )
-from train.models.lineage import adapter_chain
 from train.models.loading import (
     load_model_for_training,
-    parent_merged_dir,
+    parent_chain,
     peft_lora_config,
     pin_4bit_cpu_path,
     quantization_config,
-    resolve_model_path,
+    start_source,
     torch_dtype,
 )
 
@@ -97,8 +96,7 @@ def _reward_model(recipe: Recipe, tokenizer):
     """A one-output sequence classifier on the parent chain's merged weights."""
     from transformers import AutoModelForSequenceClassification
 
-    adapters = adapter_chain(recipe.parent)
-    source = parent_merged_dir(recipe, adapters) if adapters else resolve_model_path(recipe.model.name_or_path)
+    source = start_source(recipe, parent_chain(recipe))
     model = AutoModelForSequenceClassification.from_pretrained(
         source,
         num_labels=1,
@@ -134,7 +132,7 @@ class Preference(Method):
         keep = {k: v for k, v in base.items() if k in SHARED_ARGS}
         keep.update(output_dir=str(out), remove_unused_columns=False)
         pref = recipe.preference
-        lora = peft_lora_config(recipe.lora)
+        lora = None if recipe.full_finetune else peft_lora_config(recipe.lora)
         common = {
             "train_dataset": data.train,
             "processing_class": tokenizer,
@@ -142,7 +140,8 @@ class Preference(Method):
             "callbacks": callbacks,
         }
         if recipe.method == "reward":
-            lora.task_type = "SEQ_CLS"
+            if lora is not None:
+                lora.task_type = "SEQ_CLS"
             set_seed(recipe.training.seed)  # the new score head's init, then the LoRA's, independent of earlier steps
             model = _reward_model(recipe, tokenizer)
             set_seed(recipe.training.seed)
@@ -159,7 +158,8 @@ class Preference(Method):
                 args = DPOConfig(**keep, beta=pref.beta, loss_type=pref.loss_type, max_length=recipe.data.max_length)
             except ValueError as err:
                 raise UserError(f"preference.loss_type '{pref.loss_type}': {err}") from None
-            # ref_model=None with a PEFT model: the reference is the same weights with the adapter disabled.
+            # ref_model=None: with a PEFT model the reference is the same weights with the adapter disabled; under
+            # full fine-tuning TRL makes a frozen copy of the starting weights.
             return StageDPOTrainer(model=model, ref_model=None, args=args, eval_dataset=data.eval, **common)
         keep.pop("eval_strategy", None)
         keep.pop("eval_steps", None)
@@ -183,7 +183,10 @@ class Preference(Method):
 
     def save_extra(self, trainer, out: Path, tokenizer) -> None:
         if self.name == "reward":  # a plain classifier GRPO (or anyone) can load by path
-            merged = trainer.model.merge_and_unload()
+            from peft import PeftModel
+
+            model = trainer.model
+            merged = model.merge_and_unload() if isinstance(model, PeftModel) else model  # lora: none has no adapter
             merged.save_pretrained(out / REWARD_MODEL_DIR, safe_serialization=True)
             tokenizer.save_pretrained(out / REWARD_MODEL_DIR)
 

@@ -18,6 +18,7 @@ from train.core.config import Recipe, is_tiny, recipe_to_dict
 from train.core.io import write_json, write_jsonl
 from train.core.log import get_logger, is_main_process
 from train.core.paths import REPO_ROOT
+from train.models.lineage import ADAPTER_DIR, MODEL_DIR
 
 log = get_logger("record")
 
@@ -95,7 +96,8 @@ def write_stage_outputs(recipe: Recipe, out: Path, manifest: dict, metrics: dict
         "base_model_build": _tiny_build(recipe.model.name_or_path) if is_tiny(recipe.model.name_or_path) else None,
         "quantization": recipe.model.quantization,
         "parent": str(Path(recipe.parent).resolve()) if recipe.parent else None,
-        "adapter": "adapter",
+        "finetune": "full" if recipe.full_finetune else "lora",
+        "weights": MODEL_DIR if recipe.full_finetune else ADAPTER_DIR,  # the folder of this stage's own weights
         "recipe_path": recipe.source_path,
         "recipe": recipe_to_dict(recipe),
         "data": {

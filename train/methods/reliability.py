@@ -251,12 +251,25 @@ def lora_parameter_estimate(config, lora) -> int:
     return per_layer * config.num_hidden_layers
 
 
-def check_free_disk(output_dir: Path, lora_params: int) -> None:
+def stage_disk_estimate(config, recipe) -> tuple[int, str]:
+    """(bytes, what): the disk a stage's checkpoint and final weights need."""
+    if recipe.full_finetune:
+        from train.methods.launch import parameter_count
+
+        params = sum(parameter_count(config))
+        weight = 4 if recipe.model.dtype == "float32" else 2
+        # A checkpoint: the weights, an fp32 master copy and two Adam moments (DeepSpeed keeps all three); the final
+        # model again.
+        return int(params * (weight + 12 + weight)), "a checkpoint of this fully fine-tuned model"
     # A checkpoint: fp32 adapter + two Adam moments; the final adapter again; 2x margin.
-    need = int(lora_params * 4 * 4 * 2) + 64 * 2**20
+    return int(lora_parameter_estimate(config, recipe.lora) * 4 * 4 * 2), "a checkpoint of this adapter"
+
+
+def check_free_disk(output_dir: Path, estimate: tuple[int, str]) -> None:
+    need, what = estimate[0] + 64 * 2**20, estimate[1]
     free = shutil.disk_usage(output_dir).free
     if free < need:
         raise UserError(
-            f"{output_dir} has {free / 2**30:.2f} GiB free, a checkpoint of this adapter needs about "
+            f"{output_dir} has {free / 2**30:.2f} GiB free, {what} needs about "
             f"{need / 2**30:.2f} GiB; free some space or point output_dir elsewhere"
         )

@@ -4,7 +4,8 @@
 
 Every method gets the same start-up checks (output dir writable, launch, report_to backends, resume
 point, parent chain, disk), the same guards (preemption, non-finite policy, atomic checkpoints,
-`training.stop_at_step`) and the same finishing (adapter written and verified, stage.json,
+`training.stop_at_step`) and the same finishing (adapter, or the model under `lora: none`, written and
+verified, stage.json,
 metrics.jsonl, loss curve). A `Method` says only how it gets its data, which trainer it builds, what
 it adds to the metrics, and what else it saves.
 """
@@ -44,10 +45,10 @@ from train.methods.reliability import (
     NonFiniteGuard,
     PreemptionCallback,
     check_free_disk,
-    lora_parameter_estimate,
+    stage_disk_estimate,
 )
 from train.methods.supervise import write_marker
-from train.models.lineage import ADAPTER_DIR, adapter_chain
+from train.models.lineage import ADAPTER_DIR, MODEL_DIR, adapter_chain
 from train.models.loading import load_model_config, load_tokenizer
 
 log = get_logger("runner")
@@ -97,21 +98,28 @@ class StopAtStep(TrainerCallback):
         return control
 
 
-def save_adapter(trainer, out: Path, tokenizer) -> Path:
-    """adapter/ from this run only, checked to exist. Written into adapter.tmp/ first and swapped in only
-    when complete (core/io.replace_output): a full disk mid-save leaves the earlier adapter/ in place."""
-    adapter_dir, staging = out / ADAPTER_DIR, out / f"{ADAPTER_DIR}.tmp"
+def save_weights(trainer, out: Path, tokenizer, full: bool) -> Path:
+    """The stage's weights from this run only, checked to exist: adapter/ (LoRA), or model/ (lora: none, the whole
+    model, gathered from every rank under ZeRO-3 or FSDP). Written into <name>.tmp/ first and swapped in only
+    when complete (core/io.replace_output): a full disk mid-save leaves the earlier folder in place."""
+    name = MODEL_DIR if full else ADAPTER_DIR
+    final, staging = out / name, out / f"{name}.tmp"
     if trainer.is_world_process_zero():
         shutil.rmtree(staging, ignore_errors=True)  # ours: a save of this folder that did not finish
     trainer.accelerator.wait_for_everyone()
-    trainer.save_model(str(staging))  # PEFT model: adapter weights only, safetensors
+    trainer.save_model(str(staging))  # PEFT model: adapter weights only; otherwise the model; safetensors
     if trainer.is_world_process_zero():
-        if not (staging / "adapter_model.safetensors").is_file():
-            raise RuntimeError(f"training finished but no adapter was written to {staging}")
+        wrote = (
+            (staging / "config.json").is_file() and any(staging.glob("*.safetensors"))
+            if full
+            else (staging / "adapter_model.safetensors").is_file()
+        )
+        if not wrote:
+            raise RuntimeError(f"training finished but no {'model' if full else 'adapter'} was written to {staging}")
         tokenizer.save_pretrained(str(staging))
-        replace_output(staging, adapter_dir)
+        replace_output(staging, final)
     trainer.accelerator.wait_for_everyone()
-    return adapter_dir
+    return final
 
 
 def _resume_command(recipe: Recipe, method: Method) -> str:
@@ -265,7 +273,7 @@ def _train(recipe: Recipe, method: Method, out: Path, launch, resume, preemption
     set_seed(recipe.training.seed)
     adapter_chain(recipe.parent)  # parent stages present, before any heavy work
     tokenizer = load_tokenizer(recipe.model)
-    check_free_disk(out, lora_parameter_estimate(load_model_config(recipe.model), recipe.lora))
+    check_free_disk(out, stage_disk_estimate(load_model_config(recipe.model), recipe))
     data = method.data(recipe, tokenizer, launch)
     if is_main_process():
         trim_metrics_log(out / "metrics.jsonl", resume)
@@ -306,7 +314,7 @@ def _train(recipe: Recipe, method: Method, out: Path, launch, resume, preemption
         eval_metrics = trainer.evaluate() if data.eval is not None else {}
     except EvaluationPreempted:  # the last checkpoint holds every step; a resume only evaluates and saves
         return _stopped(recipe, method, out, trainer, guard, preemption, stop)
-    save_adapter(trainer, out, tokenizer)
+    save_weights(trainer, out, tokenizer, recipe.full_finetune)
     if trainer.is_world_process_zero():
         method.save_extra(trainer, out, tokenizer)
     history = trainer.state.log_history

@@ -9,8 +9,8 @@ says how SFT gets its data (the processed dataset from data_prep, built here whe
 finds it missing), its model (transformers or Unsloth) and its trainer (completion-only loss,
 padding-free packing).
 
-Writes to the recipe's output_dir: adapter/ (LoRA safetensors + tokenizer), checkpoint-*/
-(adapter-only Trainer checkpoints), stage.json (lineage and metrics), metrics.jsonl,
+Writes to the recipe's output_dir: adapter/ (LoRA safetensors + tokenizer; with `lora: none` model/,
+the whole fine-tuned model), checkpoint-*/ (adapter-only Trainer checkpoints), stage.json (lineage and metrics), metrics.jsonl,
 loss_curve.png and the resolved recipe.yaml.
 """
 
@@ -23,23 +23,24 @@ from train.core.config import Recipe
 from train.methods.launch import Launch
 from train.methods.runner import Method, StageData, run_stage
 from train.methods.trainers import StageSFTTrainer, build_sft_config
-from train.models.lineage import adapter_chain, check_parent_base
-from train.models.loading import load_model_for_training, parent_merged_dir, peft_lora_config
+from train.models.lineage import check_parent_base
+from train.models.loading import load_model_for_training, parent_chain, peft_lora_config, start_source
 
 
 def load_model_and_lora(recipe: Recipe):
-    """(model, peft_config for the trainer): the main path leaves the LoRA to TRL, Unsloth wraps it itself."""
+    """(model, peft_config for the trainer): the main path leaves the LoRA to TRL, Unsloth wraps it itself;
+    full fine-tuning (lora: none) has no peft_config, so every weight trains."""
     from transformers import set_seed
 
     if recipe.backend == "unsloth":
         from train.models.unsloth import load_unsloth_model
 
-        adapters = adapter_chain(recipe.parent)
+        chain = parent_chain(recipe)
         check_parent_base(recipe)
-        source = parent_merged_dir(recipe, adapters) if adapters else None
+        source = start_source(recipe, chain) if recipe.parent else None
         set_seed(recipe.training.seed)  # LoRA init independent of what ran before, as on the main path
         return load_unsloth_model(recipe, source), None
-    return load_model_for_training(recipe), peft_lora_config(recipe.lora)
+    return load_model_for_training(recipe), None if recipe.full_finetune else peft_lora_config(recipe.lora)
 
 
 def trainer_inputs(recipe: Recipe, tokenizer, data: StageData, out: Path, callbacks: list) -> dict:

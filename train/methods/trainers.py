@@ -4,7 +4,8 @@
 - atomic checkpoints: written into tmp-checkpoint-N, listed, then renamed to checkpoint-N;
 - the non-finite guard's hooks: a non-finite loss is flagged by `training_step`, and the optimizer's
   step becomes a no-op while the guard marks the step as skipped;
-- under FSDP, `save_model` gathers only the trainable (LoRA and modules_to_save) weights.
+- under FSDP, `save_model` gathers only the trainable (LoRA and modules_to_save) weights, or under full
+  fine-tuning the whole model, for the final save only.
 The SFT trainer also counts real tokens against token slots (padding efficiency), which TRL does
 not report.
 """
@@ -114,6 +115,10 @@ class StageTrainerMixin:
         if not self.is_fsdp_enabled:
             return super().save_model(output_dir, _internal_call)
         output_dir = output_dir or self.args.output_dir
+        from peft import PeftModel
+
+        if not isinstance(self.accelerator.unwrap_model(self.model), PeftModel):  # full fine-tuning (lora: none)
+            return self._save_full_fsdp_model(output_dir, _internal_call)
         adapter_state = {}
         for name, tensor in self.model.state_dict().items():
             if "lora_" in name or "modules_to_save" in name:  # every rank joins each gather
@@ -122,6 +127,23 @@ class StageTrainerMixin:
         if self.accelerator.is_main_process:
             self.accelerator.unwrap_model(self.model).save_pretrained(
                 output_dir, state_dict=adapter_state, safe_serialization=True
+            )
+        self.accelerator.wait_for_everyone()
+
+    def _save_full_fsdp_model(self, output_dir: str, checkpoint: bool) -> None:
+        """Full fine-tuning under FSDP: the final model gathered whole (every rank joins) and written by rank 0.
+        A checkpoint keeps only the Trainer's sharded state (what resuming reads): gathering a 32B model
+        at every save_steps would cost minutes and twice the disk."""
+        if checkpoint:
+            return
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        # The full state dict gathered onto rank 0's CPU (the others get an empty one): one copy in host memory.
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        state = get_model_state_dict(self.model, options=options)
+        if self.accelerator.is_main_process:
+            self.accelerator.unwrap_model(self.model).save_pretrained(
+                output_dir, state_dict=state, safe_serialization=True
             )
         self.accelerator.wait_for_everyone()
 

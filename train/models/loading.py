@@ -19,7 +19,7 @@ from train.core.config import ALL_LINEAR, LoraConfig, ModelConfig, Recipe, is_ti
 from train.core.errors import UserError
 from train.core.io import replace_output
 from train.core.log import get_logger
-from train.models.lineage import adapter_chain, check_parent_base
+from train.models.lineage import Chain, check_parent_base, resolve_chain
 
 log = get_logger("model")
 
@@ -163,20 +163,25 @@ def peft_lora_config(lora: LoraConfig):
     )
 
 
-def load_merged_16bit(base: str, adapters: list[Path], model_cfg: ModelConfig, attn_implementation: str | None = None):
-    """Base in 16/32-bit with each adapter merged in order (never into quantized weights)."""
+def parent_chain(recipe: Recipe) -> Chain:
+    """What this stage starts from: the recipe's base, or its parent's lineage (adapters, a full stage's model)."""
+    return resolve_chain(recipe.parent, recipe.model.name_or_path, recipe.model.revision)
+
+
+def load_merged_16bit(chain: Chain, model_cfg: ModelConfig, attn_implementation: str | None = None):
+    """The chain's base in 16/32-bit with each adapter merged in order (never into quantized weights)."""
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(
-        resolve_model_path(base),
-        revision=model_cfg.revision,
+        resolve_model_path(chain.base),
+        revision=chain.revision,
         dtype=torch_dtype(model_cfg.dtype),
         trust_remote_code=model_cfg.trust_remote_code,
         attn_implementation=attn_implementation,
         low_cpu_mem_usage=True,
     )
-    for adapter in adapters:
+    for adapter in chain.adapters:
         log.info("merging adapter %s", adapter)
         model = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload()
     return model
@@ -185,16 +190,28 @@ def load_merged_16bit(base: str, adapters: list[Path], model_cfg: ModelConfig, a
 PARENT_CHAIN = "parent_chain.json"
 
 
-def chain_fingerprint(recipe: Recipe, adapters: list[Path]) -> str:
-    """Changes when the base, its dtype or any ancestor's adapter changes (a parent trained again)."""
+def folder_identity(folder: str | Path) -> str:
+    """Changes when a model folder's weights are written again (sizes and times: no re-read of a 64 GB model)."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps([recipe.model.name_or_path, recipe.model.revision, recipe.model.dtype]).encode())
-    if is_tiny(recipe.model.name_or_path):
+    h = hashlib.sha256(str(Path(folder).resolve()).encode())
+    for path in sorted(Path(folder).glob("*.safetensors")) + sorted(Path(folder).glob("*.json")):
+        h.update(f"{path.name}:{path.stat().st_size}:{path.stat().st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def chain_fingerprint(recipe: Recipe, chain: Chain) -> str:
+    """Changes when the base, its dtype or any ancestor's weights change (a parent trained again)."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps([chain.base, chain.revision, recipe.model.dtype]).encode())
+    if chain.from_stage:
+        h.update(folder_identity(chain.base).encode())
+    elif is_tiny(chain.base):
         from train.models.tiny import tiny_build_name
 
-        h.update(tiny_build_name(recipe.model.name_or_path).encode())
-    for adapter in adapters:
+        h.update(tiny_build_name(chain.base).encode())
+    for adapter in chain.adapters:
         for name in ("adapter_config.json", "adapter_model.safetensors"):
             with open(adapter / name, "rb") as f:
                 for block in iter(lambda f=f: f.read(1 << 24), b""):
@@ -202,7 +219,7 @@ def chain_fingerprint(recipe: Recipe, adapters: list[Path]) -> str:
     return h.hexdigest()[:16]
 
 
-def parent_merged_dir(recipe: Recipe, adapters: list[Path]) -> str:
+def parent_merged_dir(recipe: Recipe, chain: Chain) -> str:
     """The parent chain merged into the 16-bit base, written to <output_dir>/parent_merged and reused while
     the chain it was merged from is unchanged (`parent_chain.json` holds its fingerprint)."""
     from accelerate import PartialState
@@ -211,7 +228,7 @@ def parent_merged_dir(recipe: Recipe, adapters: list[Path]) -> str:
 
     merged_dir = Path(recipe.output_dir) / "parent_merged"
     marker = merged_dir / PARENT_CHAIN
-    fingerprint = chain_fingerprint(recipe, adapters)
+    fingerprint = chain_fingerprint(recipe, chain)
     state = PartialState()
     with state.main_process_first():
         current = json.loads(marker.read_text()).get("fingerprint") if marker.is_file() else None
@@ -223,44 +240,52 @@ def parent_merged_dir(recipe: Recipe, adapters: list[Path]) -> str:
             # Tensor by tensor from the base's shards: bounded memory, and no from_pretrained (which under
             # ZeRO-3 is a collective that the other ranks, waiting here, would never join).
             stream_merge(
-                resolve_model_path(recipe.model.name_or_path),
-                adapters,
-                tmp,
-                recipe.model.dtype,
-                revision=recipe.model.revision,
+                resolve_model_path(chain.base), chain.adapters, tmp, recipe.model.dtype, revision=chain.revision
             )
             (tmp / PARENT_CHAIN).write_text(
-                json.dumps({"fingerprint": fingerprint, "adapters": [str(a) for a in adapters]}, indent=2) + "\n"
+                json.dumps(
+                    {"fingerprint": fingerprint, "base": chain.base, "adapters": [str(a) for a in chain.adapters]},
+                    indent=2,
+                )
+                + "\n"
             )
             replace_output(tmp, merged_dir)
     return str(merged_dir)
 
 
+def start_source(recipe: Recipe, chain: Chain) -> str:
+    """The folder (or Hub id) a stage loads with from_pretrained: the base, a full parent's model/, or the
+    parent chain merged in 16-bit once (parent_merged/) when adapters must be merged first."""
+    if chain.adapters:
+        return parent_merged_dir(recipe, chain)
+    return resolve_model_path(chain.base)
+
+
 def load_model_for_training(recipe: Recipe):
-    """The model SFT starts from (without the new LoRA, which the trainer adds)."""
+    """The model a stage starts from (without the new LoRA, which the trainer adds; all of it trains under
+    lora: none)."""
     import torch
     from transformers import AutoModelForCausalLM
 
     model_cfg = recipe.model
     check_kernels(model_cfg)
-    adapters = adapter_chain(recipe.parent)
+    chain = parent_chain(recipe)
     check_parent_base(recipe)
     quant = quantization_config(model_cfg)
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if adapters and quant is None and not is_deepspeed_zero3_enabled():
-        return load_merged_16bit(model_cfg.name_or_path, adapters, model_cfg, model_cfg.attn_implementation)
+    if chain.adapters and quant is None and not is_deepspeed_zero3_enabled():
+        return load_merged_16bit(chain, model_cfg, model_cfg.attn_implementation)
 
-    source = resolve_model_path(model_cfg.name_or_path)
-    if adapters:  # quantized (or ZeRO-3-sharded) child: merge in 16-bit once on one process, then reload
-        source = parent_merged_dir(recipe, adapters)
+    # A quantized (or ZeRO-3-sharded) child merges its parents in 16-bit once on one process, then reloads.
+    source = start_source(recipe, chain)
     kwargs = {}
     if quant is not None and torch.cuda.is_available():
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     try:
         model = AutoModelForCausalLM.from_pretrained(
             source,
-            revision=None if adapters else model_cfg.revision,
+            revision=None if chain.adapters else chain.revision,
             dtype=torch_dtype(model_cfg.dtype),
             quantization_config=quant,
             attn_implementation=model_cfg.attn_implementation,

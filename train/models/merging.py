@@ -351,3 +351,18 @@ def check_sample(base: str | Path, adapters: list[Path], merged: Path, dtype: st
         "relative_diff": round(worst / max(scale, 1e-12), 8),
     }
     return parity, {"checked": len(sample), "max_abs_diff": round(effect, 8)}
+
+
+def check_copy(source: str | Path, written: Path, dtype: str) -> dict:
+    """Every tensor of `written` against the same tensor of `source` cast to `dtype`, one at a time (bounded
+    memory): a full fine-tuning stage's model copied by `stream_merge` with no adapters must match exactly."""
+    by_source, by_written = _shards(Path(source)), _shards(written)
+    if set(by_source) != set(by_written):
+        missing = sorted(set(by_source) ^ set(by_written))
+        raise UserError(f"{written}: tensors differ from {source} ({len(missing)} names, e.g. {missing[0]})")
+    worst = 0.0
+    for name, file in by_source.items():
+        expected = ShardReader(file).get(name).to(MERGE_DTYPES[dtype])
+        got = ShardReader(by_written[name]).get(name)
+        worst = max(worst, float((got.double() - expected.double()).abs().max()) if got.numel() else 0.0)
+    return {"checked": len(by_source), "max_abs_diff": worst}

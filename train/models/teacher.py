@@ -19,8 +19,9 @@ from pathlib import Path
 from train.core.config import ModelConfig
 from train.core.errors import UserError
 from train.core.log import get_logger
-from train.models.lineage import adapter_chain, read_stage
+from train.models.lineage import Chain, read_stage, resolve_chain, stage_weights
 from train.models.loading import (
+    folder_identity,
     load_merged_16bit,
     pin_4bit_cpu_path,
     quantization_config,
@@ -44,13 +45,19 @@ def teacher_model_config(teacher: str) -> ModelConfig:
     return ModelConfig(**{k: v for k, v in saved.items() if k in known})
 
 
+def teacher_chain(teacher: str) -> Chain:
+    """A stage teacher's lineage: its base (or newest full fine-tuning stage) and the adapters on it."""
+    model_cfg = teacher_model_config(teacher)
+    return resolve_chain(teacher, model_cfg.name_or_path, model_cfg.revision)
+
+
 def teacher_tokenizer_source(teacher: str) -> str:
-    """Where the teacher's tokenizer lives: a stage's adapter/ holds the one it trained with."""
+    """Where the teacher's tokenizer lives: a stage's adapter/ (or model/) holds the one it trained with."""
     if is_stage(teacher):
-        adapter = Path(teacher) / "adapter"
+        weights = stage_weights(teacher)
         return (
-            str(adapter)
-            if (adapter / "tokenizer_config.json").is_file()
+            str(weights)
+            if (weights / "tokenizer_config.json").is_file()
             else resolve_model_path(teacher_model_config(teacher).name_or_path)
         )
     return resolve_model_path(teacher)
@@ -60,7 +67,10 @@ def teacher_identity(teacher: str) -> str:
     """Changes when the teacher changes (its stage trained again, another folder): keys the logit cache."""
     h = hashlib.sha256(str(Path(teacher).resolve() if Path(teacher).exists() else teacher).encode())
     if is_stage(teacher):
-        for adapter in adapter_chain(teacher):
+        chain = teacher_chain(teacher)
+        if chain.from_stage:
+            h.update(folder_identity(chain.base).encode())
+        for adapter in chain.adapters:
             h.update((adapter / "adapter_model.safetensors").read_bytes())
     else:
         folder = Path(resolve_model_path(teacher))
@@ -94,7 +104,7 @@ def load_teacher(teacher: str, quantization: str = "none", work_dir: Path | None
     model_cfg = teacher_model_config(teacher)
     stage = is_stage(teacher)
     if stage and quantization == "none" and not is_deepspeed_zero3_enabled():
-        model = load_merged_16bit(model_cfg.name_or_path, adapter_chain(teacher), model_cfg, attn_implementation)
+        model = load_merged_16bit(teacher_chain(teacher), model_cfg, attn_implementation)
     else:
         source = resolve_model_path(teacher)
         if stage:  # 4-bit or ZeRO-3-sharded: the chain merged in 16-bit once, on one process, then loaded
@@ -136,7 +146,8 @@ def merged_teacher_dir(teacher: str, model_cfg: ModelConfig, work_dir: Path | No
             tmp = work_dir / "teacher_merged.tmp"
             shutil.rmtree(tmp, ignore_errors=True)  # ours: a merge of this folder that did not finish
             # Tensor by tensor (bounded memory), and no from_pretrained: under ZeRO-3 that is a collective.
-            stream_merge(resolve_model_path(model_cfg.name_or_path), adapter_chain(teacher), tmp, model_cfg.dtype)
+            chain = teacher_chain(teacher)
+            stream_merge(resolve_model_path(chain.base), chain.adapters, tmp, model_cfg.dtype, revision=chain.revision)
             AutoTokenizer.from_pretrained(teacher_tokenizer_source(teacher)).save_pretrained(tmp)  # for vLLM
             (tmp / "teacher.json").write_text(json.dumps({"teacher": teacher, "identity": identity}) + "\n")
             replace_output(tmp, target)

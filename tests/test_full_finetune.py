@@ -1,0 +1,149 @@
+"""Full fine-tuning (`lora: none`): every weight trains, the stage saves a model folder (model/) instead of an
+adapter, a child stage starts from it, merge copies it with checks, and two processes equal one under ZeRO-3
+and FSDP2."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_recipe, recipe_dict, run_train
+from safetensors.torch import load_file
+
+from train.core.errors import UserError
+from train.methods.launch import pick_strategy
+
+
+def _tensors(folder: Path) -> dict[str, torch.Tensor]:
+    out: dict[str, torch.Tensor] = {}
+    for file in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(file))
+    return out
+
+
+def _losses(out: Path) -> list[float]:
+    return [r["loss"] for r in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+
+def test_lora_none_is_full_fine_tuning_and_refuses_what_cannot_train():
+    data = recipe_dict("stage1_medical")
+    full = make_recipe({**data, "lora": "none"})
+    assert full.full_finetune and not make_recipe(data).full_finetune
+    with pytest.raises(UserError, match="nf4 weights cannot be trained; set model.quantization: none"):
+        make_recipe({**data, "lora": "none"}, ["model.quantization=nf4"])
+    with pytest.raises(UserError, match="runs on backend transformers"):
+        make_recipe({**data, "lora": "none", "backend": "unsloth"})
+    with pytest.raises(UserError, match="'lora' is 'full'; allowed: 'none'"):
+        make_recipe({**data, "lora": "full"})
+    with pytest.raises(UserError, match="unknown key 'lora.rank'; valid keys: alpha, dropout, r,"):
+        make_recipe(data, ["lora.rank=8"])
+
+
+def test_the_strategy_pick_counts_full_fine_tuning_state():
+    seven_b = (7_000_000_000, 500_000_000)
+    assert pick_strategy(seven_b, "none", 8, 80)[0] == "ddp"  # LoRA: the 16-bit weights fit on each GPU
+    strategy, why = pick_strategy(seven_b, "none", 8, 80, full=True)
+    assert strategy == "zero3" and "full fine-tuning state" in why  # + gradients, fp32 master, Adam moments
+
+
+@pytest.mark.e2e
+def test_a_full_stage_saves_a_model_parents_a_lora_child_and_merges_as_a_checked_copy(tmp_path):
+    from train.export.merge import merge_stage
+    from train.inference.hf import load_stage_model
+    from train.methods.sft import run_sft
+    from train.models.loading import resolve_model_path
+
+    data = recipe_dict("stage1_medical")
+    data.update(output_dir=str(tmp_path / "full"), lora="none")
+    data["data"].update(processed_dir=str(tmp_path / "d1"), max_length=256)
+    data["training"].update(max_steps=3, save_steps=2, logging_steps=1, learning_rate=1e-4)
+    record = run_sft(make_recipe(data))
+    assert record["finetune"] == "full" and record["weights"] == "model"
+    full = tmp_path / "full"
+    assert not (full / "adapter").exists() and (full / "checkpoint-2" / "model.safetensors").is_file()
+    trained, base = _tensors(full / "model"), _tensors(Path(resolve_model_path(data["model"]["name_or_path"])))
+    assert trained.keys() == base.keys()
+    assert all(not torch.equal(trained[k], base[k]) for k in trained), "some weights did not train"
+
+    # A LoRA child starts from the full stage's weights: it trains exactly like a stage whose base is that folder.
+    def child(out: str, parent: Path | None, base: str | None) -> list[float]:
+        d = recipe_dict("stage2_korean")
+        d.update(output_dir=str(tmp_path / out), parent=str(parent) if parent else None)
+        if base:
+            d["model"]["name_or_path"] = base
+        d["data"].update(processed_dir=str(tmp_path / "d2"), max_length=256)
+        d["training"].update(max_steps=2, save_steps=1000, logging_steps=1)
+        run_sft(make_recipe(d))
+        return _losses(tmp_path / out)
+
+    assert child("child", full, None) == child("direct", None, str(full / "model"))
+
+    # Merge: a copy in the merge dtype, every tensor checked, logits against the trained model and its start.
+    report = merge_stage(full, tmp_path / "merged", dtype="float32")
+    assert report["finetune"] == "full" and report["merged_vs_base_plus_adapter"]["max_abs_diff"] == 0.0
+    assert report["merged_vs_base_plus_adapter"]["tensors_checked"] == len(trained)
+    assert report["adapter_effect"]["max_abs_diff"] > 0  # it moved away from the base
+    merged_tensors = _tensors(tmp_path / "merged")
+    assert merged_tensors.keys() == trained.keys() and all(torch.equal(merged_tensors[k], trained[k]) for k in trained)
+    with pytest.raises(UserError, match="no 4-bit weights"):
+        merge_stage(full, tmp_path / "dq", dequantize=True)
+
+    # The LoRA child merges onto the full stage's weights (not the original base).
+    child_report = merge_stage(tmp_path / "child", tmp_path / "child_merged", dtype="float32")
+    assert child_report["merged_vs_base_plus_adapter"]["relative_diff"] < 1e-4
+    assert child_report["lineage"] == [str(full.resolve()), str((tmp_path / "child").resolve())]
+
+    # The other objectives train all weights too: DPO from the full stage (its reference: a frozen copy).
+    from train.methods.preference import run_preference
+
+    dpo = recipe_dict("dpo")
+    dpo.update(output_dir=str(tmp_path / "dpo"), parent=str(full), lora="none")
+    dpo["data"]["processed_dir"] = str(tmp_path / "dpo_data")
+    dpo["training"].update(max_steps=2, save_steps=1000, learning_rate=1e-4)
+    assert run_preference(make_recipe(dpo))["finetune"] == "full"
+    policy = _tensors(tmp_path / "dpo" / "model")
+    assert policy.keys() == trained.keys() and all(not torch.equal(policy[k], trained[k]) for k in trained)
+
+    # Generation from the stage folder is the merged model's.
+    model, tokenizer, _ = load_stage_model(full)
+    ids = tokenizer("흉통의 원인은", return_tensors="pt")
+    from transformers import AutoModelForCausalLM
+
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
+    with torch.no_grad():
+        assert torch.equal(model(**ids).logits, merged(**ids).logits)
+
+
+@pytest.mark.dist
+@pytest.mark.e2e
+@pytest.mark.parametrize("strategy", ["ddp", "zero3", "fsdp"])
+def test_full_fine_tuning_on_two_processes_equals_one(strategy, tmp_path_factory):
+    root = tmp_path_factory.getbasetemp() / "full-ft-dist"
+    common = [
+        "recipes/tiny/stage1_medical.yaml",
+        "lora=none",
+        "training.max_steps=3",
+        "training.logging_steps=1",
+        "training.save_steps=100",
+        "training.warmup_steps=0",
+        "training.learning_rate=1e-4",
+        "data.max_length=256",
+        f"data.processed_dir={root / 'data'}",
+    ]
+    single = root / "single"
+    if not (single / "stage.json").is_file():  # shared by both strategies (and builds the data)
+        run_train(["sft", *common, f"output_dir={single}", "training.per_device_train_batch_size=2"])
+    out = root / strategy
+    run_train(["sft", *common, f"output_dir={out}", "training.per_device_train_batch_size=1"], strategy)
+    stage = json.loads((out / "stage.json").read_text())
+    assert (
+        stage["metrics"]["world_size"] == 2
+        and stage["metrics"]["sharding"] == {"ddp": "ddp", "zero3": "zero3", "fsdp": "fsdp2"}[strategy]
+    )
+    a, b = _losses(single), _losses(out)
+    assert len(a) == len(b) == 3 and max(abs(x - y) for x, y in zip(a, b, strict=True)) < 1e-4, (a, b)
+    x, y = _tensors(single / "model"), _tensors(out / "model")
+    assert x.keys() == y.keys() and len(x) > 40  # the whole model, gathered from both ranks
+    assert max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-4
