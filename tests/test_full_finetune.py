@@ -5,6 +5,7 @@ and FSDP2."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,8 @@ def test_full_fine_tuning_on_two_processes_equals_one(strategy, tmp_path_factory
         "lora=none",
         "training.max_steps=3",
         "training.logging_steps=1",
-        "training.save_steps=100",
+        "training.save_steps=2",
+        "training.save_total_limit=null",
         "training.warmup_steps=0",
         "training.learning_rate=1e-4",
         "data.max_length=256",
@@ -147,3 +149,23 @@ def test_full_fine_tuning_on_two_processes_equals_one(strategy, tmp_path_factory
     x, y = _tensors(single / "model"), _tensors(out / "model")
     assert x.keys() == y.keys() and len(x) > 40  # the whole model, gathered from both ranks
     assert max(float((x[k] - y[k]).abs().max()) for k in x) < 1e-4
+    if strategy == "ddp":
+        return
+    # Resume from checkpoint-2 in a new launch (ZeRO-3's and FSDP2's own sharded checkpoint formats): the same
+    # last step and the same model.
+    resumed = root / f"{strategy}-resumed"
+    resumed.mkdir()
+    shutil.copytree(out / "checkpoint-2", resumed / "checkpoint-2")
+    run_train(
+        [
+            "sft",
+            *common,
+            f"output_dir={resumed}",
+            "training.per_device_train_batch_size=1",
+            "training.resume_from_checkpoint=auto",
+        ],
+        strategy,
+    )
+    assert abs(_losses(resumed)[-1] - b[-1]) < 1e-4
+    z = _tensors(resumed / "model")
+    assert max(float((y[k] - z[k]).abs().max()) for k in y) < 1e-4

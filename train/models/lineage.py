@@ -107,7 +107,7 @@ def stage_chain(stage_dir: str | Path, weights: str | Path | None = None) -> Cha
             raise UserError(f"{weights} holds no model (config.json missing); {stage_dir} is a full fine-tuning stage")
         return replace(chain, base=str(weights))
     if not (weights / "adapter_config.json").is_file():
-        raise UserError(f"{weights} holds no trained adapter (adapter_config.json missing)")
+        raise UserError(f"no LoRA adapter in {weights} (adapter_config.json missing); train the stage first")
     return replace(chain, adapters=[*chain.adapters[:-1], weights])
 
 
