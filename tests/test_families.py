@@ -263,6 +263,9 @@ def test_family_trains_merges_exports_and_evaluates(name, root):
     report = merge_stage(root / name / "qlora", merged, dtype="float32")
     assert report["merged_vs_base_plus_adapter"]["relative_diff"] <= 1e-4
     assert report["adapter_effect"]["max_abs_diff"] > 0  # and the adapters did change the model
+    # --dequantize: into the NF4 weights the child trained against (GPT-2's Conv1D layers were Linear4bit then)
+    dequantized = merge_stage(root / name / "qlora", root / name / "merged-dq", dtype="float32", dequantize=True)
+    assert dequantized["dequantized_base"] and dequantized["merged_vs_base_plus_adapter"]["relative_diff"] <= 1e-4
 
     # GGUF q8_0 through llama.cpp: tokenization, logits, chat template and EOS checked (export_gguf refuses on failure)
     export = export_gguf(merged, ["q8_0"])
