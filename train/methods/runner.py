@@ -322,13 +322,10 @@ def _train(recipe: Recipe, method: Method, out: Path, launch, resume, preemption
     # With training.global_batch_size the accumulation was derived: record the value the run used.
     used = dataclasses.replace(recipe.training, gradient_accumulation_steps=trainer.args.gradient_accumulation_steps)
     record = write_stage_outputs(dataclasses.replace(recipe, training=used), out, data.manifest, metrics, history)
-    log.info(
-        "%s stage %s done: loss %.3f -> %.3f, %.1fs -> %s",
-        method.name,
-        recipe.stage,
-        metrics["train_loss_first"] or float("nan"),
-        metrics["train_loss_last"] or float("nan"),
-        metrics["seconds"],
-        out,
-    )
+    first, last, mean = metrics["train_loss_first"], metrics["train_loss_last"], metrics["train_loss"]
+    if first is not None:
+        loss = f"loss {first:.3f} -> {last:.3f}"
+    else:  # fewer steps than training.logging_steps: no step was logged
+        loss = f"mean loss {mean:.3f} (no step logged: logging_steps={recipe.training.logging_steps})" if mean else "-"
+    log.info("%s stage %s done: %s, %.1fs -> %s", method.name, recipe.stage, loss, metrics["seconds"], out)
     return record
