@@ -750,7 +750,7 @@ def validate_recipe(recipe: Recipe) -> None:
             f"{origin}: preference.rewards lists reward_model but preference.reward_model is not set; "
             "give the output_dir of a reward stage"
         )
-    if recipe.full_finetune:
+    if not isinstance(recipe.lora, LoraConfig):  # lora: none
         _check_full_finetune(recipe, origin)
     elif recipe.backend == "unsloth" and recipe.lora.use_dora:
         raise UserError(f"{origin}: lora.use_dora runs on backend transformers (Unsloth's fast LoRA path has no DoRA)")
