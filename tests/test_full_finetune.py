@@ -49,6 +49,25 @@ def test_the_strategy_pick_counts_full_fine_tuning_state():
     assert strategy == "zero3" and "full fine-tuning state" in why  # + gradients, fp32 master, Adam moments
 
 
+def test_the_copy_check_finds_a_changed_tensor(tmp_path):
+    from safetensors.torch import save_file
+
+    from train.models.merging import check_copy
+
+    weights = {"a.weight": torch.randn(4, 3), "b.weight": torch.randn(3)}
+    for name, tensors in (("source", weights), ("copy", {k: v.to(torch.bfloat16) for k, v in weights.items()})):
+        (tmp_path / name).mkdir()
+        save_file(tensors, tmp_path / name / "model.safetensors")
+    assert check_copy(tmp_path / "source", tmp_path / "copy", "bfloat16")["max_abs_diff"] == 0.0
+    damaged = {k: v.to(torch.bfloat16) for k, v in weights.items()}
+    damaged["b.weight"][1] += 1
+    save_file(damaged, tmp_path / "copy" / "model.safetensors")
+    assert check_copy(tmp_path / "source", tmp_path / "copy", "bfloat16")["max_abs_diff"] >= 1.0
+    save_file({"a.weight": damaged["a.weight"]}, tmp_path / "copy" / "model.safetensors")
+    with pytest.raises(UserError, match="tensors differ"):
+        check_copy(tmp_path / "source", tmp_path / "copy", "bfloat16")
+
+
 @pytest.mark.e2e
 def test_a_full_stage_saves_a_model_parents_a_lora_child_and_merges_as_a_checked_copy(tmp_path):
     from train.export.merge import merge_stage
@@ -90,6 +109,16 @@ def test_a_full_stage_saves_a_model_parents_a_lora_child_and_merges_as_a_checked
     assert merged_tensors.keys() == trained.keys() and all(torch.equal(merged_tensors[k], trained[k]) for k in trained)
     with pytest.raises(UserError, match="no 4-bit weights"):
         merge_stage(full, tmp_path / "dq", dequantize=True)
+    # A model that does not fit twice in memory: the tensors alone are checked, and the merge still writes.
+    import psutil
+
+    small = type("Memory", (), {"available": 1})()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(psutil, "virtual_memory", lambda: small)
+        tensors_only = merge_stage(full, tmp_path / "merged_tensors_only", dtype="bfloat16")
+    parity = tensors_only["merged_vs_base_plus_adapter"]
+    assert parity["checked"] == len(trained) and parity["max_abs_diff"] == 0.0 == parity["relative_diff"]
+    assert tensors_only["adapter_effect"]["max_abs_diff"] is None and "tensors" in tensors_only["parity_check"]
 
     # The LoRA child merges onto the full stage's weights (not the original base).
     child_report = merge_stage(tmp_path / "child", tmp_path / "child_merged", dtype="float32")

@@ -134,8 +134,12 @@ def _check_full_copy(tmp: Path, source: Path, info, recipe, tokenizer, texts, dt
     from transformers import AutoModelForCausalLM
 
     copied = check_copy(source, tmp, dtype)
-    if copied["max_abs_diff"] != 0.0:
-        return copied, {"max_abs_diff": None}, "every tensor against the trained one cast to the merge dtype"
+    if copied["max_abs_diff"] != 0.0:  # a cast is deterministic: any difference is a damaged write
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(
+            f"the copy of {source} differs from it by up to {copied['max_abs_diff']} after the cast to {dtype}; "
+            "nothing was written (check the disk and run the merge again)"
+        )
     if streamed["bytes"] * 1.5 >= psutil.virtual_memory().available:
         log.warning("the model does not fit twice in free memory: checked its tensors, not its logits")
         return copied, {"max_abs_diff": None}, f"{copied['checked']} tensors equal to the trained ones cast to {dtype}"
@@ -267,12 +271,14 @@ def merge_stage(
     write_json(tmp / MERGE_REPORT, report)
     write_model_card(tmp, stage_lineage(stage_dir), report, license_id=license_id)
     replace_output(tmp, out)
+    moved = "not measured" if effect["max_abs_diff"] is None else f"up to {effect['max_abs_diff']:.3f}"
     log.info(
-        "merged model in %s: max logit diff vs base+adapter %.2e (%.3f%% of max logit), adapter moved "
-        "logits by up to %.3f",
+        "merged model in %s: max logit diff vs %s %.2e (%.3f%% of max logit), %s moved logits %s",
         out,
+        "the trained model" if full else "base+adapter",
         parity["max_abs_diff"],
         100 * parity["relative_diff"],
-        effect["max_abs_diff"],
+        "training" if full else "the adapter",
+        moved,
     )
     return report

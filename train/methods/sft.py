@@ -9,9 +9,9 @@ says how SFT gets its data (the processed dataset from data_prep, built here whe
 finds it missing), its model (transformers or Unsloth) and its trainer (completion-only loss,
 padding-free packing).
 
-Writes to the recipe's output_dir: adapter/ (LoRA safetensors + tokenizer; with `lora: none` model/,
-the whole fine-tuned model), checkpoint-*/ (adapter-only Trainer checkpoints), stage.json (lineage and metrics), metrics.jsonl,
-loss_curve.png and the resolved recipe.yaml.
+Writes to the recipe's output_dir: adapter/ (LoRA safetensors + tokenizer; with `lora: none`, model/:
+the whole fine-tuned model), checkpoint-*/ (Trainer checkpoints: adapter-only, or the model under
+`lora: none`), stage.json (lineage and metrics), metrics.jsonl, loss_curve.png and the resolved recipe.yaml.
 """
 
 from __future__ import annotations

@@ -360,9 +360,18 @@ def check_copy(source: str | Path, written: Path, dtype: str) -> dict:
     if set(by_source) != set(by_written):
         missing = sorted(set(by_source) ^ set(by_written))
         raise UserError(f"{written}: tensors differ from {source} ({len(missing)} names, e.g. {missing[0]})")
-    worst = 0.0
+    worst = scale = 0.0
     for name, file in by_source.items():
-        expected = ShardReader(file).get(name).to(MERGE_DTYPES[dtype])
-        got = ShardReader(by_written[name]).get(name)
-        worst = max(worst, float((got.double() - expected.double()).abs().max()) if got.numel() else 0.0)
-    return {"checked": len(by_source), "max_abs_diff": worst}
+        expected = ShardReader(file).get(name).to(MERGE_DTYPES[dtype]).double()
+        got = ShardReader(by_written[name]).get(name).double()
+        if got.shape != expected.shape:
+            raise UserError(f"{written}: {name} has shape {list(got.shape)}, {source} has {list(expected.shape)}")
+        if got.numel():
+            worst = max(worst, float((got - expected).abs().max()))
+            scale = max(scale, float(expected.abs().max()))
+    return {
+        "checked": len(by_source),
+        "max_abs_diff": worst,
+        "max_abs_weight": round(scale, 6),
+        "relative_diff": worst / max(scale, 1e-12),
+    }
