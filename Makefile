@@ -243,10 +243,10 @@ train-stage1 train-stage2 train: install
 	  exec $(BIN)/python -m train sft $(RECIPE) backend=unsloth $(ARGS); \
 	fi
 	@strategy=$(STRATEGY); \
-	if [ "$$strategy" = auto ]; then strategy=$$($(BIN)/python -m train pick-strategy $(RECIPE) --gpus $(GPUS) $(if $(GPU_MEMORY_GB),--gpu-memory-gb $(GPU_MEMORY_GB))) || exit 2; fi; \
+	if [ "$$strategy" = auto ]; then strategy=$$($(BIN)/python -m train pick-strategy $(RECIPE) $(ARGS) --gpus $(GPUS) $(if $(GPU_MEMORY_GB),--gpu-memory-gb $(GPU_MEMORY_GB))) || exit 2; fi; \
 	test -f accelerate_configs/$$strategy.yaml || { echo "error: no accelerate_configs/$$strategy.yaml (available: $$(ls accelerate_configs/*.yaml | xargs -n1 basename | sed 's/.yaml//' | tr '\n' ' ') auto)"; exit 2; }; \
 	sp=$(SP); \
-	if [ "$$sp" = auto ]; then sp=$$($(BIN)/python -m train pick-strategy $(RECIPE) --gpus $$(( $(GPUS) * $(NODES) )) --strategy $$strategy \
+	if [ "$$sp" = auto ]; then sp=$$($(BIN)/python -m train pick-strategy $(RECIPE) $(ARGS) --gpus $$(( $(GPUS) * $(NODES) )) --strategy $$strategy \
 	  --sequence-parallel $(if $(GPU_MEMORY_GB),--gpu-memory-gb $(GPU_MEMORY_GB))) || exit 2; fi; \
 	args="$(ARGS)$${sp:+ training.sequence_parallel=$$sp}"; \
 	method=$$($(BIN)/python -m train check-launch $(RECIPE) $$args --strategy $$strategy --processes $$(( $(GPUS) * $(NODES) )) \

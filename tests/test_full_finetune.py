@@ -42,6 +42,30 @@ def test_lora_none_is_full_fine_tuning_and_refuses_what_cannot_train():
         make_recipe(data, ["lora.rank=8"])
 
 
+def test_strategy_auto_sizes_the_recipe_with_its_overrides(capsys):
+    """make train-* STRATEGY=auto ARGS=lora=none: the pick sees the full fine-tuning state, not a LoRA's."""
+    from train.cli import main
+
+    picked = {}
+    for override in ([], ["lora=none"]):
+        main(["pick-strategy", "recipes/tiny/stage1_medical.yaml", *override, "--gpus", "2", "--gpu-memory-gb", "0.05"])
+        picked[bool(override)] = capsys.readouterr().out.strip()
+    assert picked == {False: "ddp", True: "zero3"}
+
+
+def test_full_fine_tuning_in_bf16_keeps_fp32_master_weights_outside_deepspeed(monkeypatch):
+    from train.models.loading import load_model_for_training, master_dtype
+
+    data = recipe_dict("stage1_medical")
+    full = make_recipe({**data, "lora": "none"}, ["model.dtype=bfloat16"])
+    lora = make_recipe(data, ["model.dtype=bfloat16"])
+    assert master_dtype(full) == "float32" and master_dtype(lora) == "bfloat16"
+    assert {p.dtype for p in load_model_for_training(full).parameters()} == {torch.float32}
+    assert {p.dtype for p in load_model_for_training(lora).parameters()} == {torch.bfloat16}
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")  # DeepSpeed keeps its own fp32 copy
+    assert master_dtype(full) == "bfloat16"
+
+
 def test_the_strategy_pick_counts_full_fine_tuning_state():
     seven_b = (7_000_000_000, 500_000_000)
     assert pick_strategy(seven_b, "none", 8, 80)[0] == "ddp"  # LoRA: the 16-bit weights fit on each GPU
@@ -54,15 +78,20 @@ def test_the_copy_check_finds_a_changed_tensor(tmp_path):
 
     from train.models.merging import check_copy
 
-    weights = {"a.weight": torch.randn(4, 3), "b.weight": torch.randn(3)}
-    for name, tensors in (("source", weights), ("copy", {k: v.to(torch.bfloat16) for k, v in weights.items()})):
+    torch.manual_seed(0)
+    weights = {"a.weight": torch.randn(4, 3), "b.weight": torch.randn(3), "position_ids": torch.arange(512)}
+
+    def cast(tensors):  # as stream_merge writes: floating tensors in the merge dtype, integer buffers kept
+        return {k: v.to(torch.bfloat16) if v.is_floating_point() else v for k, v in tensors.items()}
+
+    for name, tensors in (("source", weights), ("copy", cast(weights))):
         (tmp_path / name).mkdir()
         save_file(tensors, tmp_path / name / "model.safetensors")
     assert check_copy(tmp_path / "source", tmp_path / "copy", "bfloat16")["max_abs_diff"] == 0.0
-    damaged = {k: v.to(torch.bfloat16) for k, v in weights.items()}
+    damaged = cast(weights)
     damaged["b.weight"][1] += 1
     save_file(damaged, tmp_path / "copy" / "model.safetensors")
-    assert check_copy(tmp_path / "source", tmp_path / "copy", "bfloat16")["max_abs_diff"] >= 1.0
+    assert check_copy(tmp_path / "source", tmp_path / "copy", "bfloat16")["max_abs_diff"] >= 0.5  # 1 in bf16
     save_file({"a.weight": damaged["a.weight"]}, tmp_path / "copy" / "model.safetensors")
     with pytest.raises(UserError, match="tensors differ"):
         check_copy(tmp_path / "source", tmp_path / "copy", "bfloat16")
@@ -73,7 +102,7 @@ def test_a_full_stage_saves_a_model_parents_a_lora_child_and_merges_as_a_checked
     from train.export.merge import merge_stage
     from train.inference.hf import load_stage_model
     from train.methods.sft import run_sft
-    from train.models.loading import resolve_model_path
+    from train.models.loading import load_model_for_training, resolve_model_path
 
     data = recipe_dict("stage1_medical")
     data.update(output_dir=str(tmp_path / "full"), lora="none")
@@ -129,12 +158,33 @@ def test_a_full_stage_saves_a_model_parents_a_lora_child_and_merges_as_a_checked
     from train.methods.preference import run_preference
 
     dpo = recipe_dict("dpo")
-    dpo.update(output_dir=str(tmp_path / "dpo"), parent=str(full), lora="none")
+    dpo.update(output_dir=str(tmp_path / "dpo"), parent=str(tmp_path / "child"), lora="none")
     dpo["data"]["processed_dir"] = str(tmp_path / "dpo_data")
     dpo["training"].update(max_steps=2, save_steps=1000, learning_rate=1e-4)
-    assert run_preference(make_recipe(dpo))["finetune"] == "full"
+    dpo_recipe = make_recipe(dpo)
+    assert run_preference(dpo_recipe)["finetune"] == "full"
+    # The policy started from the parent chain (full stage + the child's LoRA) written to parent_merged/, the folder
+    # TRL also builds the frozen reference from (it reads the policy's config path).
+    start = _tensors(tmp_path / "dpo" / "parent_merged")
+    assert load_model_for_training(dpo_recipe).config._name_or_path == str(tmp_path / "dpo" / "parent_merged")
+    assert any(not torch.equal(start[k], trained[k]) for k in trained)  # the child's adapter is in it
     policy = _tensors(tmp_path / "dpo" / "model")
-    assert policy.keys() == trained.keys() and all(not torch.equal(policy[k], trained[k]) for k in trained)
+    assert policy.keys() == start.keys() and all(not torch.equal(policy[k], start[k]) for k in start)
+
+    # A full reward stage: reward_model/ (what GRPO loads) is its model/, hard-linked, not a second copy.
+    reward = recipe_dict("reward")
+    reward.update(output_dir=str(tmp_path / "reward"), parent=str(full), lora="none")
+    reward["data"]["processed_dir"] = str(tmp_path / "reward_data")
+    reward["training"].update(max_steps=2, save_steps=1000)
+    run_preference(make_recipe(reward))
+    for file in (tmp_path / "reward" / "model").glob("*.safetensors"):
+        assert (tmp_path / "reward" / "reward_model" / file.name).stat().st_ino == file.stat().st_ino
+
+    # A full stage as a 4-bit or sharded distillation teacher loads its model/ as it is (nothing to merge first).
+    from train.models.teacher import merged_teacher_dir, teacher_model_config
+
+    teacher_dir = merged_teacher_dir(str(full), teacher_model_config(str(full)), tmp_path / "distill")
+    assert teacher_dir.resolve() == (full / "model").resolve() and not (tmp_path / "distill").exists()
 
     # Generation from the stage folder is the merged model's.
     model, tokenizer, _ = load_stage_model(full)

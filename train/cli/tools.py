@@ -27,6 +27,7 @@ def _build_tiny(args) -> None:
 
 def _pick_arguments(p) -> None:
     p.add_argument("recipe")
+    p.add_argument("overrides", nargs="*", help="section.key=value, as given to the launched command (lora=none ...)")
     p.add_argument("--gpus", type=int, required=True)
     p.add_argument("--gpu-memory-gb", type=float, help="memory per GPU (default: read from the first GPU)")
     p.add_argument(
@@ -42,7 +43,7 @@ def _pick_strategy(args) -> None:
     from train.methods.launch import gpu_memory_gb, parameter_count, pick_strategy
     from train.models.loading import load_model_config
 
-    recipe = load_recipe(args.recipe)
+    recipe = load_recipe(args.recipe, args.overrides)
     memory = args.gpu_memory_gb or gpu_memory_gb()
     if memory is None:
         raise UserError(

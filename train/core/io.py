@@ -144,3 +144,20 @@ def replace_output(tmp: Path, out: Path) -> None:
             log.warning(
                 "the new output is in %s; the previous one, now %s, could not be removed: remove it", out, aside
             )
+
+
+def link_or_copy_tree(src: Path, dst: Path) -> Path:
+    """`dst` as a copy of the folder `src`, made of hard links where the filesystem allows (no second copy of a
+    large model on disk), plain copies where it does not; replaced atomically (`replace_output`)."""
+
+    def link(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:  # another filesystem, or links not allowed
+            shutil.copy2(source, target)
+
+    tmp = dst.with_name(f"{dst.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp, copy_function=link)
+    replace_output(tmp, dst)
+    return dst

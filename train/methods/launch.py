@@ -327,7 +327,12 @@ def pick_strategy(
                 "QLoRA (set model.quant_storage to model.dtype)"
             )
         return "zero3", f"{summary}: a copy does not fit on one GPU; ZeRO-3 shards it over {gpus}"
-    fix = "add GPUs, or BACKEND=unsloth on one GPU" if quantization == "nf4" else "quantize (model.quantization: nf4)"
+    if full:
+        fix = "add GPUs, or train a LoRA/QLoRA adapter instead (a lora section with model.quantization: nf4)"
+    elif quantization == "nf4":
+        fix = "add GPUs, or BACKEND=unsloth on one GPU"
+    else:
+        fix = "quantize (model.quantization: nf4)"
     return "zero3_offload", (
         f"{summary}: even sharded over {gpus} GPU(s) it does not fit; ZeRO-3 with CPU offload (slow), or {fix}"
     )

@@ -21,6 +21,7 @@ from data_prep.build import processed_dir
 from data_prep.preference import build_preference_data
 from train.core.config import Recipe
 from train.core.errors import UserError
+from train.core.io import link_or_copy_tree
 from train.methods.launch import Launch
 from train.methods.rewards import exact_answer_reward, format_reward
 from train.methods.runner import Method, StageData, run_stage
@@ -30,8 +31,10 @@ from train.methods.trainers import (
     StageRewardTrainer,
     build_sft_config,
 )
+from train.models.lineage import MODEL_DIR
 from train.models.loading import (
     load_model_for_training,
+    master_dtype,
     parent_chain,
     peft_lora_config,
     pin_4bit_cpu_path,
@@ -100,7 +103,7 @@ def _reward_model(recipe: Recipe, tokenizer):
     model = AutoModelForSequenceClassification.from_pretrained(
         source,
         num_labels=1,
-        dtype=torch_dtype(recipe.model.dtype),
+        dtype=torch_dtype(master_dtype(recipe)),
         quantization_config=quantization_config(recipe.model),
     )
     model.config.pad_token_id = tokenizer.pad_token_id
@@ -113,8 +116,10 @@ class Preference(Method):
 
     def __init__(self, name: str):
         self.name = name
+        self.full = False  # lora: none (set by check)
 
     def check(self, recipe: Recipe) -> None:
+        self.full = recipe.full_finetune
         if recipe.parent and Path(recipe.parent, REWARD_MODEL_DIR).exists():
             raise UserError(f"parent {recipe.parent} is a reward stage; a policy continues from an SFT/DPO/GRPO stage")
         if recipe.method == "grpo":
@@ -153,6 +158,12 @@ class Preference(Method):
             )
         model = load_model_for_training(recipe)
         set_seed(recipe.training.seed)
+        if lora is None:  # TRL loads the frozen reference from the policy's folder: in model.dtype, at its revision
+            chain = parent_chain(recipe)
+            keep["model_init_kwargs"] = {
+                "dtype": recipe.model.dtype,
+                **({"revision": chain.revision} if chain.revision and not chain.adapters else {}),
+            }
         if recipe.method == "dpo":
             try:
                 args = DPOConfig(**keep, beta=pref.beta, loss_type=pref.loss_type, max_length=recipe.data.max_length)
@@ -183,10 +194,10 @@ class Preference(Method):
 
     def save_extra(self, trainer, out: Path, tokenizer) -> None:
         if self.name == "reward":  # a plain classifier GRPO (or anyone) can load by path
-            from peft import PeftModel
-
-            model = trainer.model
-            merged = model.merge_and_unload() if isinstance(model, PeftModel) else model  # lora: none has no adapter
+            if self.full:  # model/ is already the whole classifier, gathered from every rank: link it
+                link_or_copy_tree(out / MODEL_DIR, out / REWARD_MODEL_DIR)
+                return
+            merged = trainer.model.merge_and_unload()
             merged.save_pretrained(out / REWARD_MODEL_DIR, safe_serialization=True)
             tokenizer.save_pretrained(out / REWARD_MODEL_DIR)
 

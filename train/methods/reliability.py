@@ -257,10 +257,10 @@ def stage_disk_estimate(config, recipe) -> tuple[int, str]:
         from train.methods.launch import parameter_count
 
         params = sum(parameter_count(config))
-        weight = 4 if recipe.model.dtype == "float32" else 2
-        # A checkpoint: the weights, an fp32 master copy and two Adam moments (DeepSpeed keeps all three); the final
-        # model again.
-        return int(params * (weight + 12 + weight)), "a checkpoint of this fully fine-tuned model"
+        # A checkpoint: the fp32 master weights (or 16-bit weights + DeepSpeed's fp32 copy) and two Adam moments;
+        # save_total_limit of them, plus the one being written before the oldest is rotated out; the final model.
+        checkpoints = (recipe.training.save_total_limit or 1) + 1
+        return int(params * (16 * checkpoints + 4)), f"{checkpoints} checkpoints of this fully fine-tuned model"
     # A checkpoint: fp32 adapter + two Adam moments; the final adapter again; 2x margin.
     return int(lora_parameter_estimate(config, recipe.lora) * 4 * 4 * 2), "a checkpoint of this adapter"
 

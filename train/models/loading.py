@@ -261,6 +261,19 @@ def start_source(recipe: Recipe, chain: Chain) -> str:
     return resolve_model_path(chain.base)
 
 
+def master_dtype(recipe: Recipe) -> str:
+    """The dtype a stage's weights are loaded and trained in. Full fine-tuning in bf16/fp16 keeps fp32 master
+    weights (the Trainer computes in model.dtype by autocast): Adam's small updates would round away in 16-bit
+    weights. DeepSpeed keeps its own fp32 copy, so under DeepSpeed the weights load in model.dtype."""
+    if (
+        recipe.full_finetune
+        and recipe.model.dtype != "float32"
+        and os.environ.get("ACCELERATE_USE_DEEPSPEED") != "true"
+    ):
+        return "float32"
+    return recipe.model.dtype
+
+
 def load_model_for_training(recipe: Recipe):
     """The model a stage starts from (without the new LoRA, which the trainer adds; all of it trains under
     lora: none)."""
@@ -274,10 +287,14 @@ def load_model_for_training(recipe: Recipe):
     quant = quantization_config(model_cfg)
     from transformers.integrations import is_deepspeed_zero3_enabled
 
-    if chain.adapters and quant is None and not is_deepspeed_zero3_enabled():
+    dtype = master_dtype(recipe)
+    # Full fine-tuning loads from a folder even after merging parents: TRL builds a DPO/GRPO reference model from
+    # the policy's config path, which must hold the weights the stage starts from (parent_merged/, not the base).
+    if chain.adapters and quant is None and not is_deepspeed_zero3_enabled() and not recipe.full_finetune:
         return load_merged_16bit(chain, model_cfg, model_cfg.attn_implementation)
 
-    # A quantized (or ZeRO-3-sharded) child merges its parents in 16-bit once on one process, then reloads.
+    # A quantized (or ZeRO-3-sharded, or fully fine-tuned) child merges its parents in 16-bit once on one process,
+    # then loads that folder.
     source = start_source(recipe, chain)
     kwargs = {}
     if quant is not None and torch.cuda.is_available():
@@ -286,7 +303,7 @@ def load_model_for_training(recipe: Recipe):
         model = AutoModelForCausalLM.from_pretrained(
             source,
             revision=None if chain.adapters else chain.revision,
-            dtype=torch_dtype(model_cfg.dtype),
+            dtype=torch_dtype(dtype),
             quantization_config=quant,
             attn_implementation=model_cfg.attn_implementation,
             trust_remote_code=model_cfg.trust_remote_code,

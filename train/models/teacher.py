@@ -135,6 +135,9 @@ def merged_teacher_dir(teacher: str, model_cfg: ModelConfig, work_dir: Path | No
     from train.core.io import replace_output
     from train.models.merging import stream_merge
 
+    chain = teacher_chain(teacher)
+    if not chain.adapters:  # a full fine-tuning stage: its model/ is already a whole model, with its tokenizer
+        return Path(resolve_model_path(chain.base))
     if work_dir is None:
         raise UserError("a 4-bit or sharded stage teacher needs a work folder for its merged 16-bit weights")
     target, identity = work_dir / "teacher_merged", teacher_identity(teacher)
@@ -146,7 +149,6 @@ def merged_teacher_dir(teacher: str, model_cfg: ModelConfig, work_dir: Path | No
             tmp = work_dir / "teacher_merged.tmp"
             shutil.rmtree(tmp, ignore_errors=True)  # ours: a merge of this folder that did not finish
             # Tensor by tensor (bounded memory), and no from_pretrained: under ZeRO-3 that is a collective.
-            chain = teacher_chain(teacher)
             stream_merge(resolve_model_path(chain.base), chain.adapters, tmp, model_cfg.dtype, revision=chain.revision)
             AutoTokenizer.from_pretrained(teacher_tokenizer_source(teacher)).save_pretrained(tmp)  # for vLLM
             (tmp / "teacher.json").write_text(json.dumps({"teacher": teacher, "identity": identity}) + "\n")
