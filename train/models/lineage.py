@@ -69,11 +69,7 @@ class Chain:
     base: str
     adapters: list[Path]
     revision: str | None = None  # the Hub revision of `base` (None for a stage's model folder)
-    full_stage: Path | None = None  # the stage whose model/ is `base`
-
-    @property
-    def from_stage(self) -> bool:
-        return self.full_stage is not None
+    from_stage: bool = False  # `base` is a full fine-tuning stage's model/
 
 
 def resolve_chain(stage: str | Path | None, base_model: str, revision: str | None = None) -> Chain:
@@ -82,7 +78,7 @@ def resolve_chain(stage: str | Path | None, base_model: str, revision: str | Non
     adapters: list[Path] = []
     for stage_dir, _info in ancestors(stage):
         if is_full_stage(stage_dir):
-            return Chain(str(stage_dir / MODEL_DIR), list(reversed(adapters)), None, stage_dir)
+            return Chain(str(stage_dir / MODEL_DIR), list(reversed(adapters)), None, from_stage=True)
         adapter = stage_dir / ADAPTER_DIR
         if not (adapter / "adapter_config.json").is_file():
             raise UserError(
@@ -90,7 +86,7 @@ def resolve_chain(stage: str | Path | None, base_model: str, revision: str | Non
                 "train that stage first"
             )
         adapters.append(adapter)
-    return Chain(base_model, list(reversed(adapters)), revision, None)
+    return Chain(base_model, list(reversed(adapters)), revision)
 
 
 def stage_chain(stage_dir: str | Path, weights: str | Path | None = None) -> Chain:

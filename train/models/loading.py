@@ -200,11 +200,12 @@ def folder_identity(folder: str | Path) -> str:
     return h.hexdigest()[:16]
 
 
-def chain_fingerprint(recipe: Recipe, chain: Chain) -> str:
-    """Changes when the base, its dtype or any ancestor's weights change (a parent trained again)."""
+def chain_identity(chain: Chain, *extra: str) -> str:
+    """Changes when the chain's base or any of its adapters changes (a parent trained again); `extra` (a dtype,
+    a folder) is hashed in too. Keys parent_merged/ and a distillation teacher's merged folder and logit cache."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps([chain.base, chain.revision, recipe.model.dtype]).encode())
+    h = hashlib.sha256(json.dumps([chain.base, chain.revision, *extra]).encode())
     if chain.from_stage:
         h.update(folder_identity(chain.base).encode())
     elif is_tiny(chain.base):
@@ -217,6 +218,11 @@ def chain_fingerprint(recipe: Recipe, chain: Chain) -> str:
                 for block in iter(lambda f=f: f.read(1 << 24), b""):
                     h.update(block)
     return h.hexdigest()[:16]
+
+
+def chain_fingerprint(recipe: Recipe, chain: Chain) -> str:
+    """Changes when the base, its dtype or any ancestor's weights change (a parent trained again)."""
+    return chain_identity(chain, recipe.model.dtype)
 
 
 def parent_merged_dir(recipe: Recipe, chain: Chain) -> str:

@@ -21,6 +21,7 @@ from train.core.errors import UserError
 from train.core.log import get_logger
 from train.models.lineage import Chain, read_stage, resolve_chain, stage_weights
 from train.models.loading import (
+    chain_identity,
     folder_identity,
     load_merged_16bit,
     pin_4bit_cpu_path,
@@ -65,20 +66,10 @@ def teacher_tokenizer_source(teacher: str) -> str:
 
 def teacher_identity(teacher: str) -> str:
     """Changes when the teacher changes (its stage trained again, another folder): keys the logit cache."""
-    h = hashlib.sha256(str(Path(teacher).resolve() if Path(teacher).exists() else teacher).encode())
+    where = str(Path(teacher).resolve() if Path(teacher).exists() else teacher)
     if is_stage(teacher):
-        chain = teacher_chain(teacher)
-        if chain.from_stage:
-            h.update(folder_identity(chain.base).encode())
-        for adapter in chain.adapters:
-            h.update((adapter / "adapter_model.safetensors").read_bytes())
-    else:
-        folder = Path(resolve_model_path(teacher))
-        for name in ("config.json", "model.safetensors.index.json", "model.safetensors"):
-            if (folder / name).is_file():
-                h.update(str((folder / name).stat().st_size).encode())
-                h.update(str((folder / name).stat().st_mtime_ns).encode())
-    return h.hexdigest()[:16]
+        return chain_identity(teacher_chain(teacher), where)
+    return hashlib.sha256(f"{where}:{folder_identity(resolve_model_path(teacher))}".encode()).hexdigest()[:16]
 
 
 def check_same_tokenizer(student_tokenizer, teacher: str) -> None:
